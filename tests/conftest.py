@@ -1,0 +1,43 @@
+"""Shared fixtures. Unit tests use a tiny random model with the real tokenizer; tests
+marked ``slow`` use the real bundled SmolLM2-135M-Instruct."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's tokenizer and chat template (a normal model folder)."""
+    from align.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "dpo_en_demo.json").exists():
+        pytest.fail(f"third-party test data not found at {SHARED_DATA} (the repo expects ../shared/data beside it)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def bundled_model() -> str:
+    """The real bundled model's spec; converting it the first time takes ~40 s."""
+    from align.models import DEFAULT_MODEL, resolve_model
+
+    resolve_model(DEFAULT_MODEL)
+    return DEFAULT_MODEL
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Keep wandb off the network and out of the user's account in tests.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
