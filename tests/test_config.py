@@ -1,0 +1,65 @@
+"""Typed configs: YAML line numbers, did-you-mean, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from align.config import StrictConfig, load_config
+from align.errors import ConfigError
+
+
+class Lora(StrictConfig):
+    r: int = 8
+    alpha: int = 16
+
+
+class Example(StrictConfig):
+    model: str
+    beta: float = 0.1
+    max_steps: int = 10
+    lora: Lora | None = None
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nbeta: 0.2\nlora:\n  r: 4\n")
+    config = load_config(Example, path, ["max_steps=3", "lora.alpha=32"])
+    assert (config.model, config.beta, config.max_steps, config.lora.r, config.lora.alpha) == ("m", 0.2, 3, 4, 32)
+
+
+def test_unknown_key_names_line_and_closest_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\n\nmax_step: 5\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:3: unknown key 'max_step' \(did you mean 'max_steps'\?\)"):
+        load_config(Example, path)
+
+
+def test_nested_unknown_key_and_wrong_type(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nbeta: lots\nlora:\n  rank: 4\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Example, path)
+    message = str(info.value)
+    assert "c.yaml:2: field 'beta'" in message and "'lots'" in message
+    assert "c.yaml:4: unknown key 'lora.rank'" in message
+
+
+def test_bad_override_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"override 'bta=1': unknown key 'bta' \(did you mean 'beta'\?\)"):
+        load_config(Example, None, ["bta=1"], defaults={"model": "m"})
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(Example, None, ["beta"], defaults={"model": "m"})
+
+
+def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Example, tmp_path / "nope.yaml")
+    path = tmp_path / "c.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Example, path)
+    path.write_text("beta: 1\n")
+    with pytest.raises(ConfigError, match="'model' is required"):
+        load_config(Example, path)
