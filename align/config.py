@@ -104,13 +104,15 @@ def _allowed_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[s
 
 
 def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                defaults: dict[str, Any] | None = None) -> C:
-    """Build a config from (lowest first) ``defaults``, a YAML file, and ``key=value`` overrides."""
+                defaults: dict[str, Any] | None = None, updates: dict[str, Any] | None = None) -> C:
+    """Build a config from (lowest first) ``defaults``, a YAML file, ``updates`` (e.g. CLI flags or
+    Python keyword arguments) and ``key=value`` overrides."""
     data: dict[str, Any] = dict(defaults or {})
     lines: dict[tuple[str, ...], int] = {}
     if path is not None:
         file_data, lines = read_yaml(path)
         data.update(file_data)
+    data.update({k: v for k, v in (updates or {}).items() if v is not None})
     from_override: dict[tuple[str, ...], str] = {}
     for text in overrides:
         keys, value = parse_override(text)

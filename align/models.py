@@ -184,8 +184,12 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust_remote_code: bool = False,
-               merge_adapter: bool = False, trainable_adapter: bool = False) -> Any:
-    """A causal LM from any spec. An adapter is attached (or merged with ``merge_adapter``)."""
+               merge_adapter: bool = False, trainable_adapter: bool = False, **from_pretrained: Any) -> Any:
+    """A causal LM from any spec. An adapter is attached (or merged with ``merge_adapter``).
+
+    Extra keyword arguments go to ``from_pretrained`` (e.g. ``quantization_config``;
+    a quantized model stays where its loader put it).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +197,7 @@ def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code)
+            source.path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code, **from_pretrained)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model {spec!r} from {source.path}: {exc}") from exc
     if source.adapter:
@@ -202,7 +206,7 @@ def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust
         model = PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
         if merge_adapter:
             model = model.merge_and_unload()
-    return model.to(device)
+    return model if "quantization_config" in from_pretrained else model.to(device)
 
 
 # ----------------------------------------------------------------------------- tiny models for tests

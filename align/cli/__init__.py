@@ -7,11 +7,12 @@ Heavy libraries (torch, transformers) are imported inside the commands, so
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import typer
 
-from align.cli import data, generate, label
+from align.cli import data, generate, label, train
 
 app = typer.Typer(
     name="align",
@@ -24,12 +25,21 @@ app.add_typer(data.app, name="data")
 app.command(name="generate")(generate.generate)
 app.add_typer(label.app, name="label")
 app.add_typer(label.pairs_app, name="pairs")
+app.add_typer(train.app, name="train")
+app.command(name="export")(train.export)
 
 
 def main() -> None:
     from align.errors import AlignError
 
-    logging.basicConfig(level=logging.INFO, format="align: %(message)s", stream=sys.stderr)
+    # align's own messages at INFO; libraries keep their defaults (WARNING).
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("align: %(message)s"))
+    logger = logging.getLogger("align")
+    logger.addHandler(handler)
+    # Under `accelerate launch`, only the main process talks.
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    logger.propagate = False
     try:
         app()
     except AlignError as exc:

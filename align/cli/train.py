@@ -1,0 +1,68 @@
+"""`align train dpo|kto` and `align export`: thin wrappers over align.train."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Train a student with DPO or KTO on TRL (LoRA by default; key=value sets any TRL option).",
+                  no_args_is_help=True)
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _run(method: str, ctx: typer.Context, config: Path | None, model: str | None, data: str | None,
+         output_dir: str | None, reference: str | None, resume: bool) -> None:
+    from align.train import load_train_config
+    from align.train.run import train
+
+    settings = {"model": model, "data": data, "output_dir": output_dir, "reference": reference}
+    train_config = load_train_config(method, config, list(ctx.args), **{k: v for k, v in settings.items() if v})
+    result = train(train_config, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    typer.echo(f"{method.upper()} finished: {result.steps} steps in {result.seconds:.0f} s, "
+               f"final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
+    typer.echo(f"reference: {result.reference}")
+    if result.ref_cache:
+        typer.echo("reference log-probs: {reused} of {rows} rows reused from the cache, {computed} computed"
+                   .format(**result.ref_cache))
+    for key in ("rewards/accuracies", "rewards/margins", "kl"):
+        if key in result.eval_after:
+            before = result.eval_before.get(key)
+            typer.echo(f"held-out {key}: " + (f"{before:.3f} -> " if before is not None else "")
+                       + f"{result.eval_after[key]:.3f}")
+    typer.echo(f"run dir: {result.run_dir} (weights in {result.weights}, curves in {result.plot})")
+
+
+def _command(method: str):
+    def command(
+        ctx: typer.Context,
+        config: Path = typer.Option(None, "--config", "-c", help="YAML config (TRL names: beta, max_length, ...)."),
+        model: str = typer.Option(None, "--model", help="Student: hub id, folder, run dir or bundled:NAME."),
+        data: str = typer.Option(None, "--data", help="Pairs (DPO) or unpaired rows (KTO); any `align data convert` input."),
+        output_dir: str = typer.Option(None, "--output-dir", "-o", help="Run dir."),
+        reference: str = typer.Option(None, "--reference", help="'base' (default) or a model/run spec."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the run dir's last checkpoint."),
+    ) -> None:
+        _run(method, ctx, config, model, data, output_dir, reference, resume)
+
+    command.__doc__ = f"{method.upper()} training. Extra key=value arguments set config keys (e.g. max_steps=8)."
+    return command
+
+
+app.command("dpo", context_settings=_EXTRA)(_command("dpo"))
+app.command("kto", context_settings=_EXTRA)(_command("kto"))
+
+
+def export(
+    run: str = typer.Argument(..., help="Training run dir (or adapter folder)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the exported model."),
+    merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the base weights."),
+) -> None:
+    """Export a trained run as a model folder (`save_pretrained` + tokenizer)."""
+    from align.train.export import export_run
+
+    out = export_run(run, output, merge=merge)
+    typer.echo(f"exported {run} to {out}")

@@ -1,0 +1,150 @@
+"""Training configs: align's own settings plus any TRL ``DPOConfig``/``KTOConfig`` field, by TRL's names.
+
+A config is flat, as TRL's are: ``beta``, ``loss_type``, ``max_length``,
+``learning_rate``, ``max_steps``, ``per_device_train_batch_size`` ... sit beside
+align's keys (``model``, ``data``, ``reference``, ``lora``). A key that is
+neither is an error with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from align.config import StrictConfig
+from align.errors import ConfigError
+from align.models import DEFAULT_MODEL
+
+Method = Literal["dpo", "kto"]
+
+
+class LoraSettings(StrictConfig):
+    """peft LoRA settings (names as in ``peft.LoraConfig``). ``quantize: 4bit`` makes it QLoRA (GPU only)."""
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    quantize: Literal["4bit"] | None = None
+
+
+class TrainConfig(StrictConfig):
+    """Everything a DPO/KTO run needs. Unknown keys are checked against TRL's config for the method."""
+
+    model_config = StrictConfig.model_config | {"extra": "allow"}
+
+    method: Method = "dpo"
+    model: str = DEFAULT_MODEL
+    data: str
+    eval_data: str | None = None
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of data held out for reward accuracy")
+    output_dir: str
+    reference: str = Field("base", description="'base' (the student's starting weights) or a model/run spec")
+    lora: LoraSettings | None = Field(default_factory=LoraSettings, description="null for a full fine-tune")
+    ref_cache: bool = True
+    ref_cache_dir: str | None = None
+    preflight: bool = True
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_switch(cls, data: Any) -> Any:
+        # `lora: false` / `lora: true` are the natural ways to say it on a command line.
+        if isinstance(data, dict) and isinstance(data.get("lora"), bool):
+            data = {**data, "lora": {} if data["lora"] else None}
+        return data
+
+    @model_validator(mode="after")
+    def _check_trl_keys(self) -> "TrainConfig":
+        fields = trl_fields(self.method)
+        own = set(type(self).model_fields)
+        for key, value in (self.model_extra or {}).items():
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(set(fields) | own), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown key '{key}' for {self.method.upper()}{hint}")
+            _check_simple_type(key, value, fields[key])
+        return self
+
+    @property
+    def trl_overrides(self) -> dict[str, Any]:
+        """The TRL settings the user gave explicitly."""
+        return dict(self.model_extra or {})
+
+
+def trl_config_class(method: str) -> type:
+    from trl import DPOConfig, KTOConfig
+
+    return {"dpo": DPOConfig, "kto": KTOConfig}[method]
+
+
+def trl_fields(method: str) -> dict[str, Any]:
+    return {f.name: f.type for f in dataclasses.fields(trl_config_class(method)) if f.init}
+
+
+def _check_simple_type(key: str, value: Any, annotation: Any) -> None:
+    """Catch the common mistakes (a string where TRL wants a number) before any model is loaded."""
+    text = str(annotation)
+    if value is None:
+        return
+    if text in ("int", "<class 'int'>") and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"'{key}' must be an integer, got {value!r}")
+    if text in ("float", "<class 'float'>") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ValueError(f"'{key}' must be a number, got {value!r}")
+    if text in ("bool", "<class 'bool'>") and not isinstance(value, bool):
+        raise ValueError(f"'{key}' must be true or false, got {value!r}")
+
+
+def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool = True,
+                       num_params: int | None = None) -> dict[str, Any]:
+    """align's defaults over TRL's, each for a reason.
+
+    - The reference is computed once (``precompute_ref_log_probs``) and cached on
+      disk, so no step pays for a reference forward and no reference copy stays in
+      memory.
+    - Gradient checkpointing (TRL's default) recomputes every activation in the
+      backward pass; for models that fit comfortably it only costs time, so it is
+      on only for large models on a GPU.
+    - CPU needs fp32 (``use_cpu``, no bf16); a GPU gets bf16 and TF32.
+    - TRL's learning rate (1e-6) barely moves a LoRA adapter in a short run; a LoRA
+      update needs roughly ten times the full fine-tune rate.
+    - Logging every step to a local metrics file and keeping two checkpoints makes
+      curves readable and resume possible.
+    """
+    big = num_params is not None and num_params > 1_500_000_000
+    defaults: dict[str, Any] = {
+        "precompute_ref_log_probs": True,
+        "learning_rate": 5e-5 if lora else 5e-6,
+        "gradient_checkpointing": bool(on_gpu and big),
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "report_to": [],
+        "seed": 0,
+    }
+    if on_gpu:
+        defaults.update(bf16=bf16_ok, tf32=True)
+    else:
+        defaults.update(use_cpu=True, bf16=False)
+    if method == "kto":
+        defaults["per_device_train_batch_size"] = 4
+    return defaults
+
+
+def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: bool,
+                   num_params: int | None = None) -> Any:
+    """The TRL config object: align's defaults, then the user's explicit settings."""
+    args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None,
+                              num_params=num_params)
+    args.update(config.trl_overrides)
+    args["output_dir"] = f"{run_dir}/checkpoints"
+    if isinstance(args.get("report_to"), str):
+        args["report_to"] = [args["report_to"]]
+    try:
+        return trl_config_class(config.method)(**args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"TRL rejected the {config.method.upper()} settings: {exc}") from exc

@@ -1,0 +1,127 @@
+"""Training data: any file `align data convert` reads, checked and shaped for TRL, with its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from align.data.formats import CONVERTERS, FieldError, detect_format, pairs_to_unpaired
+from align.data.io import Malformed, iter_rows
+from align.data.records import detect_kind, to_plain
+from align.data.validate import parse_row
+from align.data.records import PreferencePair, UnpairedExample
+from align.errors import DataError, Location, Problem
+
+log = logging.getLogger(__name__)
+
+TRL_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
+NEEDED_KIND = {"dpo": "pairs", "kto": "unpaired"}
+
+
+@dataclass
+class TrainingData:
+    rows: list[dict[str, Any]]
+    kind: str
+    path: str
+    file_sha256: str
+    converted_from: str | None = None  # source format when the file was not already TRL-shaped
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for q in files:
+        with open(q, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_training_data(path: str | Path, method: str, *, max_problems: int = 20) -> TrainingData:
+    """Rows in TRL's shape for ``method`` (pairs for DPO, unpaired for KTO), only TRL's columns.
+
+    Pairs given to KTO are unpaired on the fly (chosen -> desirable, rejected ->
+    undesirable, as TRL's ``unpair_preference_dataset`` does); unpaired rows
+    given to DPO are an error that says how to build pairs.
+    """
+    needed = NEEDED_KIND[method]
+    rows, kind, source_format = _read_any(path, max_problems)
+    if kind != needed:
+        if method == "dpo":
+            raise DataError.at(path, "holds unpaired (KTO) rows (prompt/completion/label); DPO needs pairs "
+                                     "(prompt/chosen/rejected). Build pairs from judgements with `align pairs build "
+                                     "judgements.jsonl -o pairs.jsonl`, or train on these rows with `align train kto`.")
+        log.info("%s holds pairs; KTO uses each pair as a desirable and an undesirable row", path)
+        rows = list(pairs_to_unpaired(rows))
+        kind = "unpaired"
+    columns = TRL_COLUMNS[kind]
+    shaped = [{c: to_plain(row[c]) for c in columns} for row in rows]
+    return TrainingData(shaped, kind, str(path), file_sha256(path), source_format)
+
+
+def _read_any(path: str | Path, max_problems: int) -> tuple[list[dict[str, Any]], str, str | None]:
+    problems: list[Problem] = []
+    rows: list[dict[str, Any]] = []
+    kind: str | None = None
+    source_format: str | None = None
+    for location, row in iter_rows(path, yield_malformed=True):
+        try:
+            for converted in _to_trl(row, location, source_format):
+                row_kind = "pairs" if "chosen" in converted else "unpaired"
+                if kind is None:
+                    kind = row_kind
+                elif row_kind != kind:
+                    raise DataError(Problem(location, None, f"row is {row_kind} but earlier rows were {kind}"))
+                model = PreferencePair if kind == "pairs" else UnpairedExample
+                rows.append(parse_row(model, converted, location).to_json())
+            if source_format is None and isinstance(row, dict) and detect_kind(row) not in ("pairs", "unpaired"):
+                source_format = detect_format(row)
+        except DataError as exc:
+            problems.extend(exc.problems)
+            if len(problems) >= max_problems:
+                break
+    if problems:
+        raise DataError(problems[:max_problems])
+    if not rows or kind is None:
+        raise DataError.at(path, "no training rows")
+    return rows, kind, source_format
+
+
+def _to_trl(row: Any, location: Location, known_format: str | None) -> list[dict[str, Any]]:
+    if isinstance(row, Malformed):
+        raise DataError(Problem(location, None, str(row)))
+    if not isinstance(row, dict):
+        raise DataError(Problem(location, None, f"expected a JSON object, got {type(row).__name__}"))
+    if detect_kind(row) in ("pairs", "unpaired"):
+        return [row]
+    fmt = known_format or detect_format(row)
+    if fmt is None:
+        kind = detect_kind(row)
+        what = f"{kind} records" if kind else f"rows with keys {sorted(row)}"
+        raise DataError(Problem(location, None, f"holds {what}, not training data: DPO needs pairs "
+                                "(prompt/chosen/rejected), KTO unpaired rows (prompt/completion/label); "
+                                "`align pairs build` makes both from judgements"))
+    try:
+        return CONVERTERS[fmt](row)
+    except FieldError as exc:
+        raise DataError(Problem(location, exc.field, exc.message)) from None
+
+
+def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded, prompt-disjoint split: no prompt appears on both sides."""
+    if fraction <= 0:
+        return rows, []
+    import random
+
+    prompts = sorted({hashlib.sha256(repr(r["prompt"]).encode()).hexdigest() for r in rows})
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: max(1, round(len(prompts) * fraction))])
+    train, heldout = [], []
+    for row in rows:
+        key = hashlib.sha256(repr(row["prompt"]).encode()).hexdigest()
+        (heldout if key in held else train).append(row)
+    return train, heldout

@@ -1,0 +1,274 @@
+"""The training stage: a TrainConfig in, a run dir out (weights, metrics, plot, config, data hashes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from align.config import dump_config
+from align.data.io import atomic_path
+from align.errors import AlignError, ConfigError
+from align.models import load_model, load_tokenizer, resolve_model
+from align.train.config import TrainConfig, build_trl_args
+from align.train.data import load_training_data, split_holdout
+from align.train.preflight import check_or_raise, run_preflight
+from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
+from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    method: str
+    steps: int
+    final_loss: float | None
+    reference: str
+    ref_cache: dict[str, int] | None
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+    weights: str = ""
+    plot: str | None = None
+    seconds: float = 0.0
+
+
+def _trainer_class(method: str) -> type:
+    from trl import DPOTrainer, KTOTrainer
+
+    base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
+    return type(f"Align{base.__name__}", (RefCacheMixin, base), {"align_method": method})
+
+
+def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
+    run_dir = Path(config.output_dir)
+    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*")) if run_dir.exists() else []
+    if checkpoints and not resume:
+        raise AlignError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
+                         "or choose another --output-dir")
+    if resume and not checkpoints:
+        log.info("--resume: no checkpoint in %s yet, starting from the beginning", run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def rows_needed(max_steps: int, batch_size: int, grad_accum: int, world_size: int) -> int | None:
+    """How many examples a run of ``max_steps`` consumes (None: unbounded, i.e. epochs)."""
+    if max_steps is None or max_steps <= 0:
+        return None
+    return max_steps * batch_size * grad_accum * world_size
+
+
+def _describe_reference(config: TrainConfig, student_kind: str) -> str:
+    if config.reference != "base":
+        return f"separate model {config.reference} (frozen)"
+    if student_kind == "adapter":
+        return f"the SFT model {config.model} (its adapter merged), i.e. the student's starting weights"
+    if config.lora is not None:
+        return f"{config.model} with the LoRA adapter switched off (no second copy in memory)"
+    return f"{config.model} as loaded before training (reference log-probs computed once, no copy kept)"
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
+    """Run DPO or KTO on TRL as ``config`` says; see the module docstring for what lands in the run dir."""
+    import datasets
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    datasets.disable_progress_bars()  # per-map bars drown the log; TRL's own progress bars stay
+    started = time.time()
+    on_gpu = torch.cuda.is_available()
+    if config.lora is not None and config.lora.quantize and not on_gpu:
+        raise ConfigError("QLoRA (lora.quantize: 4bit) needs a CUDA GPU with bitsandbytes; on CPU drop "
+                          "lora.quantize (plain LoRA) or use a GPU machine")
+    # Everything that can fail on bad input is checked before any model is loaded.
+    data = load_training_data(config.data, config.method)
+    args = build_trl_args(config, config.output_dir, on_gpu=on_gpu,
+                          bf16_ok=on_gpu and torch.cuda.is_bf16_supported())
+    train_rows, heldout_rows = data.rows, []
+    if config.eval_data:
+        heldout_rows = load_training_data(config.eval_data, config.method).rows
+    elif config.eval_split:
+        train_rows, heldout_rows = split_holdout(data.rows, config.eval_split, args.seed)
+    student = resolve_model(config.model)
+    run_dir = _prepare_run_dir(config, resume)
+    configure_wandb(list(args.report_to or []), str(run_dir))
+
+    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    if config.method == "kto":
+        _set_kto_weights(config, args, train_rows)
+    preflight = run_preflight(train_rows, tokenizer, method=config.method, max_length=args.max_length,
+                              per_device_train_batch_size=args.per_device_train_batch_size)
+    _write_text(run_dir / "preflight.txt", preflight.text() + "\n")
+    log.info("%s", preflight.text())
+    if config.preflight:
+        check_or_raise(preflight)
+
+    if preflight.emptied_rows:
+        dropped = set(preflight.emptied_rows)
+        train_rows = [row for i, row in enumerate(train_rows) if i not in dropped]
+    needed = rows_needed(args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                         args.world_size)
+    if needed is not None and needed < len(train_rows) and config.method == "dpo":
+        # A run shorter than an epoch only ever sees `needed` examples; choosing them up front (seeded) means
+        # the reference is computed for those alone instead of for the whole file.
+        train_rows = random.Random(args.seed).sample(train_rows, needed)
+
+    reference_text = _describe_reference(config, student.kind)
+    log.info("reference: %s", reference_text)
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code, merge_adapter=True,
+                       **_quantization_kwargs(config))
+    ref_model = None
+    if config.reference != "base":
+        ref_model = load_model(config.reference, trust_remote_code=config.trust_remote_code, merge_adapter=True)
+        ref_model.requires_grad_(False).eval()
+    peft_config = _peft_config(config)
+
+    store = None
+    if config.ref_cache and args.precompute_ref_log_probs:
+        store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
+    trainer_cls = _trainer_class(config.method)
+    trainer_cls.align_ref_store = store
+    set_seed_everywhere(args.seed)
+    trainer = trainer_cls(
+        model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(heldout_rows) if heldout_rows else None,
+        peft_config=peft_config, callbacks=[MetricsFileCallback(run_dir / "metrics.jsonl")],
+    )
+    dump_config(config, run_dir / "config.yaml")
+    _write_json(run_dir / "data.json", {
+        "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
+                  "rows_used": len(train_rows), "converted_from": data.converted_from},
+        "eval": {"path": config.eval_data, "rows": len(heldout_rows), "split": config.eval_split},
+    })
+    _write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
+
+    # Measured once, before the first step; a resumed run reads it back.
+    before_file = run_dir / "eval_before.json"
+    eval_before: dict[str, float] = {}
+    if heldout_rows:
+        if before_file.exists():
+            eval_before = json.loads(before_file.read_text())
+        else:
+            eval_before = _evaluate(trainer, "before")
+            _write_json(before_file, eval_before)
+    checkpoint = True if resume and _has_checkpoint(run_dir) else None
+    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_after = _evaluate(trainer, "after") if heldout_rows else {}
+
+    weights_dir = run_dir / ("adapter" if peft_config is not None else "model")
+    trainer.save_model(str(weights_dir))
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    result = TrainResult(
+        run_dir=str(run_dir), method=config.method, steps=output.global_step, final_loss=losses[-1] if losses else None,
+        reference=reference_text, ref_cache=(trainer.align_ref_report or {}).get("train"),
+        eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
+        seconds=round(time.time() - started, 1),
+    )
+    if trainer.accelerator.is_main_process:
+        from align.plots import plot_training_curves
+
+        tokenizer.save_pretrained(str(weights_dir))
+        plot = plot_training_curves(metrics, run_dir / "curves.png", title=f"{config.method.upper()} {run_dir.name}")
+        result.plot = str(plot) if plot else None
+        _write_json(run_dir / "run.json", {**asdict(result), "versions": {
+            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
+    return result
+
+
+def set_seed_everywhere(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def _evaluate(trainer: Any, when: str) -> dict[str, float]:
+    metrics = trainer.evaluate()
+    skip = ("runtime", "per_second", "preparation_time", "num_tokens")
+    keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
+    log.info("held-out %s training: %s", when, ", ".join(f"{k}={v:.4f}" for k, v in sorted(keep.items())))
+    return keep
+
+
+def _set_kto_weights(config: TrainConfig, args: Any, rows: list[dict[str, Any]]) -> None:
+    from align.data.pairs import kto_class_weights, kto_weight_ratio
+
+    n_d = sum(bool(r["label"]) for r in rows)
+    n_u = len(rows) - n_d
+    explicit = {"desirable_weight", "undesirable_weight"} & set(config.trl_overrides)
+    if not explicit and n_d and n_u:
+        args.desirable_weight, args.undesirable_weight = kto_class_weights(n_d, n_u)
+    if n_d and n_u:
+        ratio = kto_weight_ratio(n_d, n_u, args.desirable_weight, args.undesirable_weight)
+        log.info("KTO class balance: %d desirable / %d undesirable; weights %.4g / %.4g (%s); "
+                 "lambda_D*n_D/(lambda_U*n_U) = %.3f (KTO paper Eq. 8 asks for [1, 4/3])",
+                 n_d, n_u, args.desirable_weight, args.undesirable_weight,
+                 "set by you" if explicit else "set automatically", ratio)
+
+
+def _peft_config(config: TrainConfig) -> Any:
+    if config.lora is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.lora_dropout,
+                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+
+
+def _quantization_kwargs(config: TrainConfig) -> dict[str, Any]:
+    if config.lora is None or not config.lora.quantize:
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16,
+                                                      bnb_4bit_use_double_quant=True)}
+
+
+def _ref_namespace(config: TrainConfig, args: Any, student: Any, ref_model: Any, model: Any) -> dict[str, Any]:
+    """Everything besides the example itself that changes the reference log-probs."""
+    import trl
+
+    if config.reference != "base":
+        source = resolve_model(config.reference)
+        weights = _fingerprint_source(source, ref_model)
+    else:
+        weights = _fingerprint_source(student, model)
+    return {
+        "method": config.method, "reference_weights": weights, "max_length": args.max_length,
+        "truncation_mode": getattr(args, "truncation_mode", None), "ld_alpha": getattr(args, "ld_alpha", None),
+        "dtype": str(next(model.parameters()).dtype), "trl": trl.__version__.split(".")[0],
+    }
+
+
+def _fingerprint_source(source: Any, module: Any) -> str:
+    try:
+        base = weights_fingerprint(source.path)
+        return base + (":" + weights_fingerprint(source.adapter) if source.adapter else "")
+    except (FileNotFoundError, NotADirectoryError):
+        return module_fingerprint(module)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)

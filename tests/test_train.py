@@ -1,0 +1,238 @@
+"""DPO/KTO training on the real TRL trainers with a tiny model: run dir, cache, pre-flight, resume, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import align.train
+from align.data.io import iter_rows, write_records
+from align.errors import AlignError, ConfigError, DataError
+from align.train.preflight import run_preflight
+from tests.clihelp import run_align
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _pairs(n: int = 24) -> list[dict]:
+    topics = ["tea", "rain", "maps", "bread", "chess", "bikes", "owls", "glass", "salt", "kites", "clocks", "moss"]
+    rows = []
+    for i in range(n):
+        topic = topics[i % len(topics)]
+        rows.append({"prompt": [{"role": "user", "content": f"Tell me one fact about {topic} (#{i})."}],
+                     "chosen": [{"role": "assistant", "content": f"{topic.capitalize()} is interesting in a concrete way."}],
+                     "rejected": [{"role": "assistant", "content": f"I do not know anything about {topic}, sorry, " * 3}]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    write_records(path, _pairs())
+    return path
+
+
+@pytest.fixture(scope="module")
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ref-cache")
+
+
+def _settings(tiny_model_dir: Path, data: Path, out: Path, cache: Path, **extra) -> dict:
+    return {"model": str(tiny_model_dir), "data": str(data), "output_dir": str(out), "ref_cache_dir": str(cache),
+            "max_steps": 4, "per_device_train_batch_size": 2, "max_length": 96, "save_steps": 2, **extra}
+
+
+def test_dpo_lora_writes_a_complete_run_dir_and_second_run_reuses_the_reference(
+        tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path) -> None:
+    first = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "a", isolated_cache, eval_split=0.25))
+    run = Path(first.run_dir)
+    for name in ("config.yaml", "data.json", "preflight.txt", "metrics.jsonl", "curves.png", "run.json",
+                 "adapter/adapter_config.json", "adapter/tokenizer_config.json"):
+        assert (run / name).exists(), name
+    metrics = [row for _, row in iter_rows(run / "metrics.jsonl")]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+    last_step = [m for m in metrics if "loss" in m][-1]
+    assert all(k in last_step for k in ("rewards/margins", "rewards/accuracies", "learning_rate"))
+    assert any("tokens_per_second" in m for m in metrics)
+    data = json.loads((run / "data.json").read_text())
+    assert len(data["train"]["sha256"]) == 64 and data["eval"]["rows"] > 0
+    assert first.ref_cache == {"rows": 8, "reused": 0, "computed": 8}
+    assert "adapter switched off" in first.reference
+    assert "rewards/accuracies" in first.eval_before and "rewards/accuracies" in first.eval_after
+
+    second = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "b", isolated_cache, eval_split=0.25))
+    assert second.ref_cache == {"rows": 8, "reused": 8, "computed": 0}
+    # same data, same reference, same seed: the cached reference gives the very same losses
+    assert second.final_loss == pytest.approx(first.final_loss, abs=1e-6)
+
+
+def test_full_finetune_and_export(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path,
+                                  capsys) -> None:
+    result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "full", isolated_cache, lora=False))
+    assert (Path(result.run_dir) / "model" / "config.json").exists()
+    assert "no copy kept" in result.reference
+    code, _, err = run_align(capsys, "export", result.run_dir, "-o", tmp_path / "exported")
+    assert code == 0, err
+    assert (tmp_path / "exported" / "model.safetensors").exists()
+
+
+def test_export_merges_a_lora_run(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path,
+                                  capsys) -> None:
+    result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "lora", isolated_cache, max_steps=1))
+    code, _, err = run_align(capsys, "export", result.run_dir, "-o", tmp_path / "no-merge")
+    assert code != 0 and "--merge" in err
+    code, _, err = run_align(capsys, "export", result.run_dir, "--merge", "-o", tmp_path / "merged")
+    assert code == 0, err
+    assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_kto_sets_class_weights_from_eq8(tiny_model_dir: Path, tmp_path: Path, isolated_cache: Path, caplog) -> None:
+    rows = [{"prompt": f"Question {i}?", "completion": f" Answer {i}.", "label": i % 4 == 0} for i in range(16)]
+    data = tmp_path / "kto.jsonl"
+    write_records(data, rows)
+    caplog.set_level("INFO", logger="align")
+    result = align.train.kto(**_settings(tiny_model_dir, data, tmp_path / "kto", isolated_cache))
+    assert result.steps == 4
+    args = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
+    ratio = args["desirable_weight"] * 4 / (args["undesirable_weight"] * 12)
+    assert 1.0 <= ratio <= 4 / 3
+    assert "set automatically" in caplog.text
+
+
+def test_bad_config_fails_before_any_model_is_loaded(tmp_path: Path, pairs_file: Path, capsys) -> None:
+    out = tmp_path / "never"
+    code, _, err = run_align(capsys, "train", "dpo", "--model", "/nonexistent/model", "--data", pairs_file,
+                             "-o", out, "max_step=8")
+    assert code != 0 and "unknown key 'max_step' for DPO (did you mean 'max_steps'?)" in err
+    code, _, err = run_align(capsys, "train", "dpo", "--data", pairs_file, "-o", out, "beta=strong")
+    assert code != 0 and "'beta' must be a number" in err
+    assert not out.exists()
+
+
+def test_unpaired_data_given_to_dpo_says_how_to_build_pairs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "kto.jsonl"
+    write_records(data, [{"prompt": "q", "completion": "a", "label": True}])
+    with pytest.raises(DataError, match="align pairs build"):
+        align.train.dpo(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "r"))
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path: Path, pairs_file: Path, tiny_model_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="QLoRA .* needs a CUDA GPU"):
+        align.train.dpo(model=str(tiny_model_dir), data=str(pairs_file), output_dir=str(tmp_path / "q"),
+                        lora={"quantize": "4bit"})
+
+
+def test_existing_run_needs_resume(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path) -> None:
+    settings = _settings(tiny_model_dir, pairs_file, tmp_path / "r", isolated_cache, max_steps=2)
+    align.train.dpo(**settings)
+    with pytest.raises(AlignError, match="--resume"):
+        align.train.dpo(**settings)
+
+
+# ----------------------------------------------------------------------------- pre-flight
+
+
+def test_preflight_catches_duplicate_bos_leaks_and_truncation(tiny_model_dir: Path) -> None:
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.add_bos_token = True
+    rendered = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    rows = [{"prompt": rendered, "chosen": "4.", "rejected": "Five."},
+            {"prompt": "Q: name a colour.", "chosen": "Blue.\n\nHuman: and another?", "rejected": "Red."}]
+    report = run_preflight(rows, tokenizer, method="dpo", max_length=1024, per_device_train_batch_size=2)
+    text = "\n".join(report.errors)
+    assert "1 rows start with BOS twice" in text
+    assert "1 completions contain the prompt or another turn's markers" in text
+
+    tokenizer.add_bos_token = False
+    long = [{"prompt": "word " * 50, "chosen": "yes " * 40, "rejected": "yes " * 40 + "no"}]
+    report = run_preflight(long, tokenizer, method="dpo", max_length=80, per_device_train_batch_size=2)
+    assert "1 pairs are identical after truncation" in "\n".join(report.errors)
+    assert report.stats["completions cut by max_length"] == "2 of 2"
+
+
+def test_preflight_catches_a_template_that_never_closes_the_turn(tiny_model_dir: Path) -> None:
+    from align.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "assistant", "content": "go away"}]}]
+    report = run_preflight(rows, tokenizer, method="dpo", max_length=256, per_device_train_batch_size=2)
+    assert any("do not end with EOS" in e for e in report.errors)
+
+
+def test_kto_batch_of_one_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "kto.jsonl"
+    write_records(data, [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(4)])
+    with pytest.raises(AlignError, match="per_device_train_batch_size >= 2"):
+        align.train.kto(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "k"),
+                        per_device_train_batch_size=1)
+
+
+# ----------------------------------------------------------------------------- resume and multi-process
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "align", *map(str, args)]
+
+
+def _env(cache: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE_DIR": str(cache.parent / "align-cache"),
+            "TQDM_DISABLE": "1"}
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path,
+                                               isolated_cache: Path) -> None:
+    common = ["--model", tiny_model_dir, "--data", pairs_file, f"ref_cache_dir={isolated_cache}", "max_steps=8",
+              "per_device_train_batch_size=2", "max_length=96", "save_steps=3"]
+    env = _env(isolated_cache)
+    subprocess.run(_cli("train", "dpo", "-o", tmp_path / "whole", *common), check=True, env=env, capture_output=True)
+
+    proc = subprocess.Popen(_cli("train", "dpo", "-o", tmp_path / "killed", *common), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-3"
+    deadline = time.time() + 300
+    while not (checkpoint / "trainer_state.json").exists():
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "run.json").exists()
+
+    done = subprocess.run(_cli("train", "dpo", "-o", tmp_path / "killed", "--resume", *common), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = json.loads((tmp_path / "whole" / "run.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "run.json").read_text())
+    assert resumed["steps"] == whole["steps"] == 8
+    assert resumed["final_loss"] == pytest.approx(whole["final_loss"], abs=1e-4)
+    steps = [m["step"] for _, m in iter_rows(tmp_path / "killed" / "metrics.jsonl") if "loss" in m]
+    assert steps == list(range(1, 9))  # no step logged twice after the resume
+
+
+def test_two_cpu_processes_with_accelerate(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path,
+                                           isolated_cache: Path) -> None:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "configs" / "accelerate" / "multi-cpu.yaml"), "-m", "align", "train", "dpo", "--model", str(tiny_model_dir), "--data", str(pairs_file),
+           "-o", str(tmp_path / "ddp"), f"ref_cache_dir={isolated_cache}", "max_steps=3",
+           "per_device_train_batch_size=2", "max_length=96"]
+    done = subprocess.run(cmd, env=_env(isolated_cache), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert run["steps"] == 3
+    trl_args = json.loads((tmp_path / "ddp" / "trl_args.json").read_text())
+    assert trl_args["use_cpu"] is True
+    # each step consumed 2 processes x 2 pairs
+    assert json.loads((tmp_path / "ddp" / "data.json").read_text())["train"]["rows_used"] == 12
