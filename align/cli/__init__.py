@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from align.cli import data, generate, label, train
+from align.cli import argilla, data, evaluate, generate, label, pipeline, train
 
 app = typer.Typer(
     name="align",
@@ -26,7 +26,10 @@ app.command(name="generate")(generate.generate)
 app.add_typer(label.app, name="label")
 app.add_typer(label.pairs_app, name="pairs")
 app.add_typer(train.app, name="train")
+app.add_typer(argilla.app, name="argilla")
 app.command(name="export")(train.export)
+app.add_typer(pipeline.app, name="pipeline")
+app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(evaluate.evaluate)
 
 
 def main() -> None:

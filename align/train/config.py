@@ -47,6 +47,7 @@ class TrainConfig(StrictConfig):
     ref_cache: bool = True
     ref_cache_dir: str | None = None
     preflight: bool = True
+    prefix_sharing: bool = Field(True, description="DPO: compute each pair's shared prompt once (same math)")
     trust_remote_code: bool = False
 
     @model_validator(mode="before")

@@ -16,6 +16,7 @@ from align.errors import AlignError, ConfigError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, split_holdout
+from align.train.prefix_sharing import enable_prefix_sharing, supports_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
 from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
@@ -38,11 +39,27 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _trainer_class(method: str) -> type:
+def _trainer_class(method: str, prefix_sharing: bool) -> type:
     from trl import DPOTrainer, KTOTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
-    return type(f"Align{base.__name__}", (RefCacheMixin, base), {"align_method": method})
+    mixins = (PrefixSharingMixin, RefCacheMixin) if method == "dpo" and prefix_sharing else (RefCacheMixin,)
+    return type(f"Align{base.__name__}", (*mixins, base), {"align_method": method})
+
+
+class PrefixSharingMixin:
+    """Turns on shared-prompt forwards (see align.train.prefix_sharing) once TRL has patched the models."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        trainer: Any = self
+        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        for model in (policy, trainer.ref_model):
+            if model is not None and supports_prefix_sharing(model):
+                enable_prefix_sharing(model)
+            elif model is not None:
+                log.info("prefix sharing off: %s attention does not take block masks",
+                         model.config._attn_implementation)
 
 
 def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
@@ -134,7 +151,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     store = None
     if config.ref_cache and args.precompute_ref_log_probs:
         store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
-    trainer_cls = _trainer_class(config.method)
+    trainer_cls = _trainer_class(config.method, config.prefix_sharing)
     trainer_cls.align_ref_store = store
     set_seed_everywhere(args.seed)
     trainer = trainer_cls(

@@ -1,0 +1,38 @@
+"""`align eval`: student vs reference on held-out prompts (thin wrapper over align.eval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def evaluate(
+    ctx: typer.Context,
+    model: str = typer.Option(..., "--model", help="Student: training run dir or any model spec."),
+    reference: str = typer.Option(..., "--reference", help="Reference model (usually the student's starting point)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Held-out prompts (JSONL)."),
+    judge: Path = typer.Option(None, "--judge", help="Rules YAML used as the judge."),
+    judge_model: str = typer.Option(None, "--judge-model", help="LLM judge (pairwise, both orders)."),
+    pairs: Path = typer.Option(None, "--pairs", help="Held-out pairs for implicit-reward accuracy."),
+    output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Report dir."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML with any of these settings."),
+) -> None:
+    """Win rate (with a 95% interval), rule scores, KL and length drift of a student against its reference.
+
+    Extra key=value arguments set any other setting (max_new_tokens=64, seed=1, ...)."""
+    from align.config import load_config
+    from align.eval import EvalConfig, run_eval
+
+    settings = {"model": model, "reference": reference, "prompts": prompts, "judge": judge,
+                "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir}
+    result = run_eval(load_config(EvalConfig, config, list(ctx.args), updates=settings))
+    m = result.metrics
+    typer.echo(f"win rate {m['win_rate']:.3f} (95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}); "
+               f"wins/ties/losses {m['wins']}/{m['ties']}/{m['losses']}")
+    typer.echo(f"KL(student||reference): {m['kl_per_token']:.4f} per token, {m['kl_per_sequence']:.3f} per sequence")
+    typer.echo(f"mean length: {m['mean_length_reference']:.1f} -> {m['mean_length_model']:.1f} tokens")
+    if "rule_score_model" in m:
+        typer.echo(f"rule score: {m['rule_score_reference']:.3f} -> {m['rule_score_model']:.3f}; "
+                   f"pass rate {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
+    typer.echo(f"report: {result.report}")

@@ -1,0 +1,113 @@
+"""The eval report: report.md with a table, and PNG plots a person can read at a glance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, Any]],
+                 sampled: dict[str, Any], prompt_ids: list[str]) -> Path:
+    plots = _plots(out, metrics, per_prompt, sampled, prompt_ids)
+    m = metrics
+    lines = [
+        f"# Evaluation: {m['model']} vs {m['reference']}",
+        "",
+        f"{m['prompts']} held-out prompts, one sample each at temperature {m['temperature']} "
+        f"(max {m['max_new_tokens']} new tokens); judge: {m.get('judge')}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| win rate (ties apart) | **{_fmt(m['win_rate'])}** (95% CI {_fmt(m['win_rate_ci_low'])} - "
+        f"{_fmt(m['win_rate_ci_high'])}) |",
+        f"| wins / ties / losses | {m['wins']} / {m['ties']} / {m['losses']} |",
+        f"| win rate, ties as half | {_fmt(m.get('win_rate_ties_as_half'))} |",
+        f"| KL(student \\|\\| reference) per token | {_fmt(m['kl_per_token'], 4)} |",
+        f"| KL per sequence | {_fmt(m['kl_per_sequence'], 3)} |",
+        f"| mean length, tokens (reference -> student) | {_fmt(m['mean_length_reference'], 1)} -> "
+        f"{_fmt(m['mean_length_model'], 1)} |",
+        f"| hit the length cap (reference -> student) | {_fmt(m['hit_length_cap_reference'])} -> "
+        f"{_fmt(m['hit_length_cap_model'])} |",
+    ]
+    if "rule_score_model" in m:
+        lines += [f"| mean rule score (reference -> student) | {_fmt(m['rule_score_reference'])} -> "
+                  f"{_fmt(m['rule_score_model'])} |",
+                  f"| passes hard rules (reference -> student) | {_fmt(m['pass_rate_reference'])} -> "
+                  f"{_fmt(m['pass_rate_model'])} |"]
+    if "implicit_reward" in m:
+        ir = m["implicit_reward"]
+        lines.append(f"| implicit-reward accuracy on {ir['pairs']} held-out pairs (beta {ir['beta']}) | "
+                     f"{_fmt(ir['accuracy'])} (margin {_fmt(ir['margin'], 4)}) |")
+    if "rules" in m:
+        lines += ["", "## Per rule (mean score; pass rate)", "", "| rule | reference | student |", "|---|---|---|"]
+        for name, s in m["rules"].items():
+            lines.append(f"| {name} | {_fmt(s['reference_score'])} ({_fmt(s['reference_pass'], 2)}) | "
+                         f"{_fmt(s['model_score'])} ({_fmt(s['model_pass'], 2)}) |")
+    lines += ["", "## How to read this", "",
+              "- The win rate counts decisive comparisons only; ties are listed apart. An interval that "
+              "contains 0.5 means no measurable difference.",
+              "- KL is estimated on the student's own samples; a large KL or a jump in length or in "
+              "length-cap hits means the student moved far or won by rambling, not by being better.", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    report = out / "report.md"
+    from align.data.io import atomic_path
+
+    with atomic_path(report) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    return report
+
+
+def _plots(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, Any]], sampled: dict[str, Any],
+           prompt_ids: list[str]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    rate, low, high = metrics["win_rate"], metrics["win_rate_ci_low"], metrics["win_rate_ci_high"]
+    ax.bar(["student vs reference"], [rate], yerr=[[rate - low], [high - rate]], capsize=8, color="#4C72B0")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate (ties apart)")
+    ax.set_title(f"win rate {rate:.2f} [{low:.2f}, {high:.2f}], ties {metrics['ties']}")
+    paths.append(_save(fig, out / "win_rate.png"))
+
+    scores = [(v.get("log_ratio"), v.get("model_score")) for v in per_prompt.values()]
+    scores = [(x, y) for x, y in scores if x is not None and y is not None]
+    if scores:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        ax.scatter([x for x, _ in scores], [y for _, y in scores], s=14, alpha=0.7)
+        ax.set_xlabel("log p_student - log p_reference (per sample)")
+        ax.set_ylabel("rule score (reward)")
+        ax.set_title(f"reward vs KL (mean KL/seq {metrics['kl_per_sequence']:.2f})")
+        paths.append(_save(fig, out / "reward_vs_kl.png"))
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for role, color in (("reference", "#999999"), ("model", "#4C72B0")):
+        lengths = [sampled[role][pid].responses[0].num_tokens or 0 for pid in prompt_ids]
+        ax.hist(lengths, bins=20, alpha=0.6, label=role if role == "reference" else "student", color=color)
+    ax.set_xlabel("response length (tokens)")
+    ax.set_ylabel("prompts")
+    ax.legend()
+    ax.set_title("length before / after")
+    paths.append(_save(fig, out / "length_hist.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

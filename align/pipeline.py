@@ -1,0 +1,260 @@
+"""`align pipeline run CONFIG.yaml`: generate -> label -> pairs -> train -> eval, from one config.
+
+Every stage writes into the run dir and records itself in ``manifest.json``:
+its inputs (with SHA-256), the hash of its settings, its outputs, timings and
+library versions. A rerun skips a finished stage whose inputs and settings are
+unchanged; a stage that was stopped part-way is run again and carries on from
+what it had written (each stage is resumable on its own); ``--from STAGE``
+reruns that stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from align.config import StrictConfig, load_config
+from align.data.io import atomic_path
+from align.data.records import content_hash
+from align.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "label", "pairs", "train", "eval")
+
+
+class LabelSettings(StrictConfig):
+    rules: Path | None = None
+    judge_model: str | None = None
+    judge_base_url: str | None = None
+    judge_api_key_env: str | None = None
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+
+
+class PairSettings(StrictConfig):
+    strategy: Literal["best-worst", "all-pairs", "random-pair"] = "best-worst"
+    min_margin: float = 0.0
+    near_duplicate: float = 0.9
+    max_pairs_per_prompt: int | None = None
+
+
+class PipelineConfig(StrictConfig):
+    run_dir: Path
+    seed: int = 0
+    generate: dict[str, Any] = Field(default_factory=dict, description="align generate settings")
+    label: LabelSettings = Field(default_factory=LabelSettings)
+    pairs: PairSettings = Field(default_factory=PairSettings)
+    train: dict[str, Any] = Field(default_factory=dict, description="align train settings (method: dpo|kto)")
+    eval: dict[str, Any] = Field(default_factory=dict, description="align eval settings")
+
+
+@dataclass
+class StageRecord:
+    status: str
+    inputs: dict[str, str]
+    settings_hash: str
+    outputs: list[str]
+    started: float
+    finished: float | None = None
+    seconds: float | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def sha256_of(path: Path) -> str:
+    """A file's hash, or a folder's (its files' names and contents, in order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        digest.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("align", "torch", "transformers", "trl", "peft"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+class Manifest:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "manifest.json"
+        self.stages: dict[str, dict[str, Any]] = json.loads(self.path.read_text())["stages"] if self.path.exists() else {}
+
+    def is_current(self, stage: str, inputs: dict[str, str], settings_hash: str) -> bool:
+        record = self.stages.get(stage)
+        return bool(record and record["status"] == "done" and record["inputs"] == inputs
+                    and record["settings_hash"] == settings_hash
+                    and all(Path(o).exists() for o in record["outputs"]))
+
+    def save(self, stage: str, record: StageRecord) -> None:
+        self.stages[stage] = record.__dict__
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps({"stages": self.stages}, indent=1, default=str) + "\n")
+
+
+@dataclass
+class PipelineResult:
+    run_dir: str
+    ran: list[str]
+    skipped: list[str]
+    eval_metrics: dict[str, Any]
+    report: str | None
+
+
+def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> PipelineResult:
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"unknown stage {from_stage!r}: choose one of {', '.join(STAGES)}")
+    run = config.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(run)
+    paths = {"candidates": run / "candidates.jsonl", "judgements": run / "judgements.jsonl",
+             "pairs": run / "pairs.jsonl", "unpaired": run / "unpaired.jsonl", "train": run / "train",
+             "eval": run / "eval"}
+    method = config.train.get("method", "dpo")
+    prompts = Path(config.generate.get("prompts", ""))
+    stage_inputs: dict[str, dict[str, Path]] = {
+        "generate": {"prompts": prompts},
+        "label": {"candidates": paths["candidates"]},
+        "pairs": {"judgements": paths["judgements"]},
+        "train": {"data": paths["pairs"] if method == "dpo" else paths["unpaired"]},
+        "eval": {"weights": paths["train"] / ("model" if config.train.get("lora") is False else "adapter"),
+                 "prompts": Path(config.eval.get("prompts", ""))},
+    }
+    settings: dict[str, Any] = {"generate": config.generate, "label": config.label.model_dump(mode="json"),
+                                "pairs": config.pairs.model_dump(mode="json"), "train": config.train,
+                                "eval": config.eval}
+    runners: dict[str, Callable[[], tuple[list[Path], dict[str, Any]]]] = {
+        "generate": lambda: _generate(config, paths),
+        "label": lambda: _label(config, paths),
+        "pairs": lambda: _pairs(config, paths),
+        "train": lambda: _train(config, paths),
+        "eval": lambda: _eval(config, paths),
+    }
+    ran, skipped = [], []
+    forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
+    for stage in STAGES:
+        inputs = {name: _hash_input(path, stage) for name, path in stage_inputs[stage].items()}
+        settings_hash = content_hash({"settings": settings[stage], "seed": config.seed}, 32)
+        if stage not in forced and manifest.is_current(stage, inputs, settings_hash):
+            log.info("stage %s: up to date, skipped", stage)
+            skipped.append(stage)
+            continue
+        fresh = stage in forced or (stage in manifest.stages and manifest.stages[stage].get("status") == "done")
+        if fresh:
+            _clear_outputs(stage, paths)
+        log.info("stage %s: running", stage)
+        started = time.time()
+        manifest.save(stage, StageRecord("running", inputs, settings_hash, [], started, versions=_versions()))
+        outputs, summary = runners[stage]()
+        finished = time.time()
+        manifest.save(stage, StageRecord("done", inputs, settings_hash, [str(o) for o in outputs], started, finished,
+                                         round(finished - started, 2), summary, _versions()))
+        ran.append(stage)
+    eval_metrics = json.loads((paths["eval"] / "metrics.json").read_text())
+    return PipelineResult(str(run), ran, skipped, eval_metrics, str(paths["eval"] / "report.md"))
+
+
+def _hash_input(path: Path, stage: str) -> str:
+    if not path.exists():
+        raise ConfigError(f"stage {stage}: input {path} does not exist")
+    return sha256_of(path)
+
+
+def _clear_outputs(stage: str, paths: dict[str, Path]) -> None:
+    """A finished stage whose inputs changed starts over (resumable stages would otherwise keep old rows)."""
+    owned = {"generate": ["candidates"], "label": ["judgements"], "pairs": ["pairs", "unpaired"],
+             "train": ["train"], "eval": ["eval"]}[stage]
+    for name in owned:
+        path = paths[name]
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _generate(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.generate import generate
+
+    settings = {"seed": config.seed, **config.generate, "output": paths["candidates"]}
+    result = generate(**settings)
+    return [paths["candidates"]], {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))}
+
+
+def _label(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.label.stages import label_judge, label_rules
+
+    label = config.label
+    if label.judge_model:
+        from align.label.judge import JudgeSettings, make_backend
+
+        backend = make_backend(label.judge_model, base_url=label.judge_base_url, api_key_env=label.judge_api_key_env)
+        result = label_judge(paths["candidates"], paths["judgements"], backend=backend,
+                             settings=JudgeSettings(mode=label.mode), rules_path=label.rules)
+    elif label.rules:
+        result = label_rules(paths["candidates"], label.rules, paths["judgements"])
+    else:
+        raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
+    return [paths["judgements"]], {"written": result.written, "labels": dict(result.labels)}
+
+
+def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.data.pairs import build_pairs
+
+    p = config.pairs
+    result = build_pairs(paths["judgements"], paths["pairs"], strategy=p.strategy, min_margin=p.min_margin,
+                         near_duplicate=p.near_duplicate, seed=config.seed, max_pairs_per_prompt=p.max_pairs_per_prompt,
+                         unpaired=paths["unpaired"])
+    for line in result.lines():
+        log.info("%s", line)
+    return [paths["pairs"], paths["unpaired"]], {"pairs": result.pairs, "prompts": result.prompts}
+
+
+def _train(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.train import load_train_config
+    from align.train.run import train
+
+    settings = dict(config.train)
+    method = settings.pop("method", "dpo")
+    data = paths["pairs"] if method == "dpo" else paths["unpaired"]
+    train_config = load_train_config(method, {"seed": config.seed, **settings}, data=str(data),
+                                     output_dir=str(paths["train"]))
+    # A run stopped part-way continues from its last checkpoint.
+    result = train(train_config, resume=True)
+    return [Path(result.weights)], {"steps": result.steps, "final_loss": result.final_loss,
+                                    "ref_cache": result.ref_cache}
+
+
+def _eval(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.eval import EvalConfig, run_eval
+
+    from align.models import DEFAULT_MODEL
+
+    settings = {"seed": config.seed, "reference": config.train.get("model", DEFAULT_MODEL),
+                **config.eval, "model": str(paths["train"]), "output_dir": paths["eval"]}
+    result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
+    m = result.metrics
+    return [paths["eval"] / "metrics.json", paths["eval"] / "report.md"], {
+        k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")}
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)
