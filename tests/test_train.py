@@ -236,3 +236,39 @@ def test_two_cpu_processes_with_accelerate(tiny_model_dir: Path, pairs_file: Pat
     assert trl_args["use_cpu"] is True
     # each step consumed 2 processes x 2 pairs
     assert json.loads((tmp_path / "ddp" / "data.json").read_text())["train"]["rows_used"] == 12
+
+
+def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model_dir: Path, pairs_file: Path,
+                                                            tmp_path: Path, isolated_cache: Path) -> None:
+    """One packed sequence per pair (shared prompt) must be the same math as TRL's two rows per pair."""
+    runs = {}
+    for shared in (False, True):
+        result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / f"shared-{shared}", isolated_cache,
+                                             max_steps=3, per_device_train_batch_size=4, prefix_sharing=shared,
+                                             save_strategy="no"))
+        rows = [m for _, m in iter_rows(Path(result.run_dir) / "metrics.jsonl") if "loss" in m]
+        runs[shared] = [(m["loss"], m["grad_norm"], m["rewards/margins"], m["logps/chosen"]) for m in rows]
+    for unshared, shared in zip(runs[False], runs[True]):
+        assert shared == pytest.approx(unshared, rel=1e-4, abs=1e-5)
+    assert runs[True][-1][0] < runs[True][0][0]  # and it does train
+
+
+def test_pack_pairs_layout() -> None:
+    import torch
+
+    from align.train.prefix_sharing import pack_pairs, unpack
+
+    # two pairs: prompt [5, 6] + chosen [7, 8] / rejected [9]; prompt [1] + chosen [2] / rejected [3, 4]
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0], [5, 6, 9, 0], [1, 3, 4, 0]])
+    mask = (torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]))
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 2, -100, -100], [-100, -100, 9, -100], [-100, 3, 4, -100]])
+    packed = pack_pairs(ids, mask, labels, torch.float32)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 6, 9], [1, 2, 1, 3, 4, 0]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 1, 2], [0, 1, 0, 1, 2, 0]]
+    assert packed.shift_labels.tolist() == [[-100, 7, 8, -100, 9, -100], [2, -100, 3, 4, -100, -100]]
+    allowed = packed.attention_mask[0, 0] == 0
+    assert not allowed[4, 1] and not allowed[4, 2] and allowed[4, 0] and allowed[5, 4] and not allowed[5, 3]
+    values = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    assert unpack(values, packed).tolist() == [[0, 1, 2], [6, 0, 0], [0, 4, 0], [8, 9, 0]]
+    # rows that are not prompt-sharing pairs are left alone
+    assert pack_pairs(ids[[0, 1, 3, 2]], mask[[0, 1, 3, 2]], labels[[0, 1, 3, 2]], torch.float32) is None
