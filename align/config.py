@@ -8,6 +8,7 @@ setting silently ignored.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -129,6 +130,18 @@ def _describe(exc: ValidationError, model: type[BaseModel], path: str | Path | N
     messages = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
+        if not loc:  # a whole-config check; point at the key it names, if any
+            message = err["msg"].removeprefix("Value error, ")
+            named = re.search(r"'([^']+)'", message)
+            key = (named.group(1),) if named else ()
+            if key in from_override:
+                where = f"override {from_override[key]!r}"
+            elif key in lines and path is not None:
+                where = f"{path}:{lines[key]}"
+            else:
+                where = str(path) if path is not None else "config"
+            messages.append(f"{where}: {message}")
+            continue
         dotted = ".".join(loc)
         if loc in from_override:
             where = f"override {from_override[loc]!r}"

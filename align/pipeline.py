@@ -120,9 +120,31 @@ class PipelineResult:
     report: str | None
 
 
+def check_sections(config: PipelineConfig) -> None:
+    """Validate every stage's settings up front: a typo in `train` fails now, not after generation."""
+    from align.eval import EvalConfig
+    from align.generate import GenerateConfig
+    from align.train import load_train_config
+
+    run = config.run_dir
+    for name, check in (
+        ("generate", lambda: load_config(GenerateConfig, None, (), defaults={**config.generate, "output": run / "c"})),
+        ("train", lambda: load_train_config(config.train.get("method", "dpo"),
+                                            {k: v for k, v in config.train.items() if k != "method"},
+                                            data=str(run / "pairs.jsonl"), output_dir=str(run / "train"))),
+        ("eval", lambda: load_config(EvalConfig, None, (), defaults={"model": "m", "reference": "r",
+                                                                      "output_dir": run / "eval", **config.eval})),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            raise ConfigError(f"section '{name}': {exc}") from None
+
+
 def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> PipelineResult:
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"unknown stage {from_stage!r}: choose one of {', '.join(STAGES)}")
+    check_sections(config)
     run = config.run_dir
     run.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run)
