@@ -32,12 +32,30 @@ log = logging.getLogger(__name__)
 STAGES = ("generate", "label", "pairs", "train", "eval")
 
 
+class PeopleSettings(StrictConfig):
+    """People in Argilla label the candidates; the rules/judge labels become their suggestions."""
+
+    dataset: str
+    target: int = Field(..., ge=1, description="answered records needed before the pipeline goes on")
+    wait_seconds: float = Field(0.0, ge=0, description="0: check once, stop, and carry on at the next run")
+    task: Literal["pairwise", "single", "ranking"] | None = Field(None, description="default: from the data")
+    only_uncertain: bool = False
+    min_confidence: float = 0.8
+    min_submitted: int | None = None
+    workspace: str | None = None
+
+
 class LabelSettings(StrictConfig):
     rules: Path | None = None
     judge_model: str | None = None
     judge_base_url: str | None = None
     judge_api_key_env: str | None = None
     mode: Literal["pairwise", "pointwise"] = "pairwise"
+    argilla: PeopleSettings | None = None
+
+
+class PipelineWaiting(Exception):
+    """A stage waits for people; run the pipeline again later to carry on."""
 
 
 class PairSettings(StrictConfig):
@@ -118,6 +136,7 @@ class PipelineResult:
     skipped: list[str]
     eval_metrics: dict[str, Any]
     report: str | None
+    waiting: str | None = None  # why the pipeline stopped early (people have not answered yet)
 
 
 def check_sections(config: PipelineConfig) -> None:
@@ -186,7 +205,12 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
         log.info("stage %s: running", stage)
         started = time.time()
         manifest.save(stage, StageRecord("running", inputs, settings_hash, [], started, versions=_versions()))
-        outputs, summary = runners[stage]()
+        try:
+            outputs, summary = runners[stage]()
+        except PipelineWaiting as waiting:
+            manifest.save(stage, StageRecord("waiting", inputs, settings_hash, [], started, versions=_versions(),
+                                             summary={"message": str(waiting)}))
+            return PipelineResult(str(run), ran, skipped, {}, None, waiting=str(waiting))
         finished = time.time()
         manifest.save(stage, StageRecord("done", inputs, settings_hash, [str(o) for o in outputs], started, finished,
                                          round(finished - started, 2), summary, _versions()))
@@ -225,6 +249,8 @@ def _label(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], 
     from align.label.stages import label_judge, label_rules
 
     label = config.label
+    if label.argilla is not None:
+        return _label_with_people(config, paths)
     if label.judge_model:
         from align.label.judge import JudgeSettings, make_backend
 
@@ -236,6 +262,30 @@ def _label(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], 
     else:
         raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
     return [paths["judgements"]], {"written": result.written, "labels": dict(result.labels)}
+
+
+def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+    from align.argilla.loop import label_with_people
+    from align.argilla.settings import resolve_settings
+
+    people = config.label.argilla
+    assert people is not None
+    suggestions = None
+    if config.label.rules or config.label.judge_model:
+        auto = config.label.model_copy(update={"argilla": None})
+        auto_paths = {**paths, "judgements": paths["judgements"].with_name("judgements_auto.jsonl")}
+        _label(config.model_copy(update={"label": auto}), auto_paths)
+        suggestions = auto_paths["judgements"]
+    result = label_with_people(paths["candidates"], people.dataset, paths["judgements"],
+                               resolve_settings(workspace=people.workspace), target=people.target,
+                               wait_seconds=people.wait_seconds, judgements_path=suggestions, task=people.task,
+                               only_uncertain=people.only_uncertain, min_confidence=people.min_confidence,
+                               min_submitted=people.min_submitted)
+    for line in result.lines():
+        log.info("%s", line)
+    if not result.done:
+        raise PipelineWaiting(result.lines()[-1])
+    return [paths["judgements"]], {"submitted": result.submitted, "target": result.target}
 
 
 def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:

@@ -517,3 +517,49 @@ def test_restart_keeps_the_data(argilla_home: Path, client: Any, capsys: pytest.
     assert code == 0, err
     again = connect(resolve_settings(home=argilla_home))
     assert {d.name: len(external_ids(again, d)) for d in again.datasets} == before
+
+
+def test_pipeline_waits_for_people_then_carries_on(tmp_path: Path, argilla_home: Path, client: Any,
+                                                   tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The label stage pushes with rule suggestions, stops while too few records are answered, and a rerun
+    after people answered pulls their labels and finishes the loop without regenerating anything."""
+    import json
+
+    import yaml
+
+    from align.pipeline import load_pipeline_config, run_pipeline
+
+    monkeypatch.setenv("ALIGN_ARGILLA_HOME", str(argilla_home))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Name a colour, please ({i})."}) + "\n"
+                               for i in range(4)))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: short\n    max_chars: 40\n")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"),
+        "generate": {"model": str(tiny_model_dir), "prompts": str(prompts), "num_candidates": 2, "greedy_first": False,
+                     "max_new_tokens": 8, "progress": False},
+        "label": {"rules": str(rules), "argilla": {"dataset": "pipeline-people", "target": 2,
+                                                             "task": "pairwise"}},
+        "train": {"model": str(tiny_model_dir), "max_steps": 2, "per_device_train_batch_size": 2, "max_length": 64,
+                  "ref_cache_dir": str(tmp_path / "cache")},
+        "eval": {"prompts": str(prompts), "judge": str(rules), "max_new_tokens": 8},
+    }))
+    first = run_pipeline(load_pipeline_config(config))
+    assert first.waiting and "0 of 2" in first.waiting
+    assert first.ran == ["generate"]
+    assert len(server_records(client, "pipeline-people")) == 4
+
+    candidates = tmp_path / "run" / "candidates.jsonl"
+    generated_at = candidates.stat().st_mtime_ns
+    ids = record_ids(candidates, "pairwise")
+    answer(client, "pipeline-people", {ids[0]: [("ann", {"preference": "a"}, "submitted")],
+                                       ids[1]: [("ann", {"preference": "b"}, "submitted")]})
+    _wait_for_submitted(client, "pipeline-people", 2)
+    second = run_pipeline(load_pipeline_config(config))
+    assert second.waiting is None and second.skipped == ["generate"]
+    assert second.ran == ["label", "pairs", "train", "eval"]
+    assert candidates.stat().st_mtime_ns == generated_at
+    human = load_records(tmp_path / "run" / "judgements.jsonl", "judgements")
+    assert sorted(j.label for j in human) == ["a", "b"] and {j.judge.type for j in human} == {"human"}

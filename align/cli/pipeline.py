@@ -21,6 +21,10 @@ def run(
     from align.pipeline import load_pipeline_config, run_pipeline
 
     result = run_pipeline(load_pipeline_config(config, list(ctx.args)), from_stage=from_stage)
+    if result.waiting:
+        typer.echo(f"stopped before the end: {result.waiting}")
+        typer.echo(f"stages run: {', '.join(result.ran) or 'none'}; run the same command again to carry on")
+        return
     m = result.eval_metrics
     typer.echo("")
     typer.echo(f"stages run: {', '.join(result.ran) or 'none'}; skipped (up to date): {', '.join(result.skipped) or 'none'}")
