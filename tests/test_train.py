@@ -147,11 +147,14 @@ def test_preflight_catches_duplicate_bos_leaks_and_truncation(tiny_model_dir: Pa
     tokenizer.add_bos_token = True
     rendered = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     rows = [{"prompt": rendered, "chosen": "4.", "rejected": "Five."},
-            {"prompt": "Q: name a colour.", "chosen": "Blue.\n\nHuman: and another?", "rejected": "Red."}]
+            {"prompt": "Q: name a colour.", "chosen": "Blue.\n\nHuman: and another?", "rejected": "Red."},
+            {"prompt": "Please name the largest ocean on Earth.",
+             "chosen": "Please name the largest ocean on Earth. The Pacific.", "rejected": "The Atlantic."}]
     report = run_preflight(rows, tokenizer, method="dpo", max_length=1024, per_device_train_batch_size=2)
     text = "\n".join(report.errors)
+    assert "1 completions start with their prompt" in text
     assert "1 rows start with BOS twice" in text
-    assert "1 completions contain the prompt or another turn's markers" in text
+    assert "1 of 6 completions contain another turn's markers" in "\n".join(report.warnings)
 
     tokenizer.add_bos_token = False
     long = [{"prompt": "word " * 50, "chosen": "yes " * 40, "rejected": "yes " * 40 + "no"}]

@@ -78,7 +78,7 @@ def run_preflight(rows: list[dict[str, Any]], tokenizer: Any, *, method: str, ma
                   per_device_train_batch_size: int, num_samples: int = 1) -> PreflightReport:
     report = PreflightReport(rows=len(rows))
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    duplicate_bos = missing_eos = leaked = emptied = cut = identical_after_cut = 0
+    duplicate_bos = missing_eos = leaked = starts_with_prompt = emptied = cut = identical_after_cut = 0
     completion_tokens: list[int] = []
     for i, row in enumerate(rows):
         tokenized = [(name, *tokenize_like_trl(tokenizer, row["prompt"], value)) for name, value in _completions(row)]
@@ -103,7 +103,9 @@ def run_preflight(rows: list[dict[str, Any]], tokenizer: Any, *, method: str, ma
         for _, value in _completions(row):
             text = _text(value)
             prompt_text = _text(row["prompt"]).strip()
-            if any(m in text for m in _LEAK_MARKERS) or (len(prompt_text) > 20 and text.strip().startswith(prompt_text)):
+            if len(prompt_text) > 20 and text.strip().startswith(prompt_text):
+                starts_with_prompt += 1
+            elif any(m in text for m in _LEAK_MARKERS):
                 leaked += 1
         if len(cut_ids) == 2 and cut_ids[0] == cut_ids[1]:
             identical_after_cut += 1
@@ -120,9 +122,16 @@ def run_preflight(rows: list[dict[str, Any]], tokenizer: Any, *, method: str, ma
     if missing_eos:
         report.errors.append(f"{missing_eos} completions do not end with EOS/end-of-turn "
                              f"({tokenizer.eos_token!r}): the student would never learn to stop")
-    if leaked:
-        report.errors.append(f"{leaked} completions contain the prompt or another turn's markers: the completion "
-                             "must hold only the final assistant answer (see `align data convert`)")
+    if starts_with_prompt:
+        report.errors.append(f"{starts_with_prompt} completions start with their prompt: the completion must hold "
+                             "only the final assistant answer (see `align data convert`)")
+    # A model now and then writes another turn's marker itself; a data-shaping bug does it everywhere.
+    if leaked > max(1, n_completions // 20):
+        report.errors.append(f"{leaked} of {n_completions} completions contain another turn's markers "
+                             "(e.g. '\\n\\nHuman:'): the completion must hold only the final assistant answer")
+    elif leaked:
+        report.warnings.append(f"{leaked} of {n_completions} completions contain another turn's markers "
+                               "(e.g. '\\n\\nHuman:'); a few generated ones are harmless, many mean a data bug")
     if emptied == len(rows):
         report.errors.append(f"every prompt is at least max_length={max_length} tokens: nothing left to train on")
     elif emptied:
