@@ -127,38 +127,31 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: list[
 
 def _describe(exc: ValidationError, model: type[BaseModel], path: str | Path | None,
               lines: dict[tuple[str, ...], int], from_override: dict[tuple[str, ...], str]) -> str:
+    def where(key: tuple[str, ...]) -> str:
+        if key in from_override:
+            return f"override {from_override[key]!r}"
+        if key in lines and path is not None:
+            return f"{path}:{lines[key]}"
+        return str(path) if path is not None else "config"
+
     messages = []
     for err in exc.errors():
         loc = tuple(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
         if not loc:  # a whole-config check; point at the key it names, if any
-            message = err["msg"].removeprefix("Value error, ")
             named = re.search(r"'([^']+)'", message)
-            key = (named.group(1),) if named else ()
-            if key in from_override:
-                where = f"override {from_override[key]!r}"
-            elif key in lines and path is not None:
-                where = f"{path}:{lines[key]}"
-            else:
-                where = str(path) if path is not None else "config"
-            messages.append(f"{where}: {message}")
+            messages.append(f"{where((named.group(1),) if named else ())}: {message}")
             continue
         dotted = ".".join(loc)
-        if loc in from_override:
-            where = f"override {from_override[loc]!r}"
-        elif loc in lines and path is not None:
-            where = f"{path}:{lines[loc]}"
-        else:
-            where = str(path) if path is not None else "config"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, err["loc"][:-1])
             close = difflib.get_close_matches(loc[-1], allowed, n=1, cutoff=0.6)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            messages.append(f"{where}: unknown key '{dotted}'{hint}")
+            messages.append(f"{where(loc)}: unknown key '{dotted}'{hint}")
         elif err["type"] == "missing":
-            messages.append(f"{where}: '{dotted}' is required")
+            messages.append(f"{where(loc)}: '{dotted}' is required")
         else:
-            messages.append(f"{where}: field '{dotted}': {err['msg'].removeprefix('Value error, ')} "
-                            f"(got {err.get('input')!r})")
+            messages.append(f"{where(loc)}: field '{dotted}': {message} (got {err.get('input')!r})")
     return "\n".join(messages)
 
 
