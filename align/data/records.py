@@ -257,10 +257,11 @@ def detect_kind(row: dict[str, Any]) -> str | None:
         return "pairs"
     if {"completion", "label"} <= keys:
         return "unpaired"
-    if {"responses", "prompt_hash"} <= keys:
-        return "candidates"
+    # Judgements may carry a prompt_hash too (provenance), so test for them before candidates.
     if {"judge", "kind", "responses"} <= keys:
         return "judgements"
+    if {"responses", "prompt_hash"} <= keys:
+        return "candidates"
     if "prompt" in keys and not keys & {"chosen", "rejected", "completion"}:
         return "prompts"
     return None
