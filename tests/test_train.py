@@ -152,9 +152,13 @@ def test_preflight_catches_duplicate_bos_leaks_and_truncation(tiny_model_dir: Pa
              "chosen": "Please name the largest ocean on Earth. The Pacific.", "rejected": "The Atlantic."}]
     report = run_preflight(rows, tokenizer, method="dpo", max_length=1024, per_device_train_batch_size=2)
     text = "\n".join(report.errors)
-    assert "1 completions start with their prompt" in text
+    assert "1 of 6 completions start with their prompt" in "\n".join(report.warnings)
     assert "1 rows start with BOS twice" in text
     assert "1 of 6 completions contain another turn's markers" in "\n".join(report.warnings)
+    leaky = [{"prompt": f"Please answer question number {i} now.", "chosen": f"Please answer question number {i} now. Yes.",
+              "rejected": "No."} for i in range(3)]
+    report = run_preflight(leaky, tokenizer, method="dpo", max_length=1024, per_device_train_batch_size=2)
+    assert any("3 of 6 completions start with their prompt" in e for e in report.errors)
 
     tokenizer.add_bos_token = False
     long = [{"prompt": "word " * 50, "chosen": "yes " * 40, "rejected": "yes " * 40 + "no"}]

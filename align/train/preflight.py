@@ -122,16 +122,17 @@ def run_preflight(rows: list[dict[str, Any]], tokenizer: Any, *, method: str, ma
     if missing_eos:
         report.errors.append(f"{missing_eos} completions do not end with EOS/end-of-turn "
                              f"({tokenizer.eos_token!r}): the student would never learn to stop")
-    if starts_with_prompt:
-        report.errors.append(f"{starts_with_prompt} completions start with their prompt: the completion must hold "
-                             "only the final assistant answer (see `align data convert`)")
-    # A model now and then writes another turn's marker itself; a data-shaping bug does it everywhere.
-    if leaked > max(1, n_completions // 20):
-        report.errors.append(f"{leaked} of {n_completions} completions contain another turn's markers "
-                             "(e.g. '\\n\\nHuman:'): the completion must hold only the final assistant answer")
-    elif leaked:
-        report.warnings.append(f"{leaked} of {n_completions} completions contain another turn's markers "
-                               "(e.g. '\\n\\nHuman:'); a few generated ones are harmless, many mean a data bug")
+    # A data-shaping bug puts the prompt or another turn into every completion; a model echoing the
+    # question or writing a turn marker itself does it now and then. Fail on the first, count the second.
+    systematic = max(1, n_completions // 20)
+    for count, what in ((starts_with_prompt, "start with their prompt"),
+                        (leaked, "contain another turn's markers (e.g. '\\n\\nHuman:')")):
+        message = f"{count} of {n_completions} completions {what}"
+        if count > systematic:
+            report.errors.append(message + ": a completion must hold only the final assistant answer "
+                                           "(see `align data convert`)")
+        elif count:
+            report.warnings.append(message + "; a few generated ones are harmless, many would mean a data bug")
     if emptied == len(rows):
         report.errors.append(f"every prompt is at least max_length={max_length} tokens: nothing left to train on")
     elif emptied:
