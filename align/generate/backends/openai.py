@@ -1,0 +1,181 @@
+"""Any OpenAI-compatible chat endpoint as the teacher: vLLM or SGLang servers, Ollama, hosted APIs.
+
+The API key is read from the environment variable named by ``api_key_env`` and
+only ever placed in the Authorization header: it is not stored, logged or put
+in an error message. Prompts are sent concurrently (``concurrency`` requests in
+flight); candidates with the same sampling go in one request with ``n``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from align.errors import AlignError
+from align.generate.backends import Completion, TokenCallback
+from align.generate.config import GenerateConfig
+from align.generate.plan import CandidateSpec, PromptJob
+
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+ATTEMPTS = 4
+
+
+class HTTPBackendError(AlignError):
+    pass
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, config: GenerateConfig):
+        import httpx
+
+        self.config = config
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(config.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        assert config.base_url is not None
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.client = httpx.Client(headers=headers, timeout=config.request_timeout,
+                                   transport=httpx.HTTPTransport(retries=2))
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def run(self, jobs: Sequence[PromptJob], on_tokens: TokenCallback | None = None
+            ) -> Iterator[tuple[PromptJob, list[Completion]]]:
+        # Submit lazily: at most `concurrency` jobs in flight, so a kill loses only those.
+        with ThreadPoolExecutor(self.config.concurrency, thread_name_prefix="align-http") as pool:
+            queue = iter(jobs)
+            running: dict[Future, PromptJob] = {}
+
+            def submit_next() -> None:
+                job = next(queue, None)
+                if job is not None:
+                    running[pool.submit(self._complete_job, job)] = job
+
+            for _ in range(self.config.concurrency):
+                submit_next()
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        job = running.pop(future)
+                        completions = future.result()
+                        if on_tokens is not None:
+                            on_tokens(sum(c.num_tokens or 0 for c in completions))
+                        yield job, completions
+                        submit_next()
+            finally:
+                for future in running:
+                    future.cancel()
+
+    def _groups(self, job: PromptJob) -> list[list[CandidateSpec]]:
+        """Candidates that can share one request (same sampling), or one per request."""
+        if not self.config.request_n:
+            return [[spec] for spec in job.candidates]
+        groups: dict[tuple[float, float, int], list[CandidateSpec]] = {}
+        for spec in job.candidates:
+            s = spec.sampling
+            groups.setdefault((s.temperature, s.top_p, s.top_k), []).append(spec)
+        return list(groups.values())
+
+    def _complete_job(self, job: PromptJob) -> list[Completion]:
+        by_index: dict[int, Completion] = {}
+        for group in self._groups(job):
+            for spec, completion in zip(group, self._request(job, group)):
+                by_index[spec.index] = completion
+        return [by_index[spec.index] for spec in job.candidates]
+
+    def _payload(self, job: PromptJob, group: list[CandidateSpec]) -> dict[str, Any]:
+        sampling = group[0].sampling
+        payload: dict[str, Any] = {
+            "model": self.config.model, "messages": job.messages, "n": len(group),
+            "temperature": sampling.temperature, "max_tokens": self.config.max_new_tokens,
+            # The first candidate's seed stands for the group: deterministic where the server honours seeds.
+            "seed": group[0].seed % (2**31),
+        }
+        if not sampling.greedy:
+            payload["top_p"] = sampling.top_p
+            if sampling.top_k:
+                payload["top_k"] = sampling.top_k  # not OpenAI's; vLLM, SGLang and ours accept it
+        if self.config.logprobs is not None:
+            payload["logprobs"] = True
+            payload["top_logprobs"] = self.config.logprobs
+        return {**payload, **self.config.extra_body}
+
+    def _request(self, job: PromptJob, group: list[CandidateSpec]) -> list[Completion]:
+        import httpx
+
+        payload = self._payload(job, group)
+        for attempt in range(ATTEMPTS):
+            try:
+                response = self.client.post(self.url, json=payload)
+            except httpx.TransportError as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise HTTPBackendError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
+            else:
+                if response.status_code == 200:
+                    return self._parse(job, response.json(), len(group))
+                if response.status_code not in RETRY_STATUS or attempt == ATTEMPTS - 1:
+                    raise HTTPBackendError(f"{self.url} answered {response.status_code} for prompt "
+                                           f"{job.prompt_id!r}: {_error_message(response)}")
+            time.sleep(min(2**attempt, 10))
+        raise AssertionError("unreachable")
+
+    def _parse(self, job: PromptJob, body: dict[str, Any], n: int) -> list[Completion]:
+        choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != n:
+            raise HTTPBackendError(f"{self.url} returned {len(choices)} choices for n={n} (prompt {job.prompt_id!r}); "
+                                   "if the server ignores n (Ollama does), set request_n=false")
+        usage_tokens = (body.get("usage") or {}).get("completion_tokens")
+        completions = []
+        for choice in choices:
+            logprobs = _logprobs(choice.get("logprobs"))
+            num_tokens = len(logprobs) if logprobs is not None else (usage_tokens if n == 1 else None)
+            text = (choice.get("message") or {}).get("content") or ""
+            completions.append(Completion(text, choice.get("finish_reason"), num_tokens, logprobs))
+        return completions
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _error_message(response: Any) -> str:
+    try:
+        error = response.json().get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        message = None
+    return str(message or response.text[:500])
+
+
+def _token_id(entry: dict[str, Any]) -> int | None:
+    """Our server sends ``token_id``; vLLM with ``return_tokens_as_token_ids`` sends ``token: "token_id:123"``."""
+    if isinstance(entry.get("token_id"), int):
+        return entry["token_id"]
+    token = entry.get("token")
+    if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit():
+        return int(token[9:])
+    return None
+
+
+def _logprob_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"token_id": _token_id(entry), "token": entry.get("token"), "logprob": entry.get("logprob")}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _logprobs(block: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    if not block or block.get("content") is None:
+        return None
+    entries = []
+    for item in block["content"]:
+        entry = _logprob_entry(item)
+        if item.get("top_logprobs") is not None:
+            entry["top_logprobs"] = [_logprob_entry(t) for t in item["top_logprobs"]]
+        entries.append(entry)
+    return entries

@@ -1,0 +1,155 @@
+"""Benchmark: align's transformers backend against a naive `model.generate` loop, in one run.
+
+    python scripts/bench/generate.py            # bundled model, 32 prompts x 4 candidates
+    python scripts/bench/generate.py --max-new-tokens 64 --out /tmp/gen.json
+
+Both sides use the same model, prompts, sampling mix (candidate 0 greedy, the
+rest temperature 0.8 / top-p 0.95) and max_new_tokens, and count only generated
+tokens (up to and including end-of-turn). Model loading is timed apart from
+generation. The compute limit is the machine's measured fp32 matmul rate divided
+by 2 x parameters FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+
+def matmul_gflops(seconds: float = 3.0, size: int = 1024) -> float:
+    """Sustained fp32 matmul rate with torch's current threads: the compute ceiling for a forward pass."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def naive_loop(model_spec: str, prompts: list[dict], num_candidates: int, max_new_tokens: int, seed: int) -> dict:
+    """(a) One `model.generate` call per prompt and candidate, as a first script would do it."""
+    import torch
+
+    from align.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_spec)
+    model = load_model(model_spec).eval()
+    eos = tokenizer.eos_token_id
+    tokens, start = 0, time.perf_counter()
+    for i, row in enumerate(prompts):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                             tokenize=False)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        for j in range(num_candidates):
+            torch.manual_seed(seed + 1000 * i + j)
+            sampling = ({"do_sample": False} if j == 0 else {"do_sample": True, "temperature": 0.8, "top_p": 0.95})
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=eos, **sampling)
+            generated = out[0, inputs["input_ids"].shape[1]:].tolist()
+            tokens += generated.index(eos) + 1 if eos in generated else len(generated)
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "params": model.num_parameters()}
+
+
+def align_backend(model_spec: str, prompts_path: Path, num_candidates: int, max_new_tokens: int, seed: int,
+                  batch_size: int) -> dict:
+    """(b) `align generate` with the transformers backend (the same stage function the CLI calls)."""
+    from align.generate import GenerateConfig, run_generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / "candidates.jsonl"
+        result = run_generate(GenerateConfig(
+            model=model_spec, prompts=prompts_path, output=output, num_candidates=num_candidates,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=False))
+        rows = [json.loads(line) for line in output.read_text().splitlines()]
+    distinct = sum(len({c["text"] for c in r["responses"]}) for r in rows)
+    return {"tokens": result.tokens, "seconds": result.seconds, "candidates": result.candidates,
+            "distinct_candidates": distinct}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="bundled:smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=Path, default=REPO / "datasets/prompts/chat.jsonl")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--num-candidates", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64, help="align's sequences per forward pass")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--naive-prompts", type=int, default=None,
+                        help="run the (slow) naive loop on only the first N prompts; tokens/s stay comparable, "
+                             "wall time is then scaled to all prompts by tokens")
+    parser.add_argument("--out", type=Path, default=REPO / "scripts/bench/results/generate.json")
+    args = parser.parse_args()
+
+    import torch
+
+    from align.models import resolve_model
+
+    resolve_model(args.model)  # convert the bundled model once, outside the timings
+    prompts = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()][: args.num_prompts]
+    with tempfile.TemporaryDirectory() as tmp:
+        subset = Path(tmp) / "prompts.jsonl"
+        subset.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        gflops = matmul_gflops()
+        print(f"fp32 matmul: {gflops:.1f} GFLOP/s on {torch.get_num_threads()} threads", flush=True)
+        ours = align_backend(args.model, subset, args.num_candidates, args.max_new_tokens, args.seed, args.batch_size)
+        print(f"align done: {ours['tokens']} tokens in {ours['seconds']:.1f} s", flush=True)
+        naive_prompts = prompts[: args.naive_prompts or len(prompts)]
+        naive = naive_loop(args.model, naive_prompts, args.num_candidates, args.max_new_tokens, args.seed)
+        naive["prompts"] = len(naive_prompts)
+        print(f"naive done: {naive['tokens']} tokens in {naive['seconds']:.1f} s", flush=True)
+
+    flops_per_token = 2 * naive["params"]
+    limit = gflops * 1e9 / flops_per_token
+    runs = {"naive model.generate loop": naive, "align generate (transformers)": ours}
+    for run in runs.values():
+        run["tokens_per_second"] = run["tokens"] / run["seconds"]
+        run["fraction_of_compute_limit"] = run["tokens_per_second"] / limit
+    ratio = ours["tokens_per_second"] / naive["tokens_per_second"]
+    # A naive run on fewer prompts: its time for all of them, at its measured rate, for the same tokens as align's.
+    naive_wall = naive["seconds"] if naive["prompts"] == len(prompts) else ours["tokens"] / naive["tokens_per_second"]
+    naive["wall_seconds_for_all_prompts"] = naive_wall
+
+    header = f"{'run':32} {'tokens':>7} {'wall s':>8} {'tok/s':>8} {'vs naive':>9} {'of limit':>9}"
+    print(f"\n{len(prompts)} prompts x {args.num_candidates} candidates, max_new_tokens={args.max_new_tokens}, "
+          f"{args.model}, {torch.get_num_threads()} threads; compute limit {limit:.0f} tok/s "
+          f"({gflops:.0f} GFLOP/s / {flops_per_token / 1e6:.0f} MFLOP per token)")
+    print(header)
+    print("-" * len(header))
+    for name, run in runs.items():
+        speedup = run["tokens_per_second"] / naive["tokens_per_second"]
+        print(f"{name:32} {run['tokens']:>7} {run['seconds']:>8.1f} {run['tokens_per_second']:>8.1f} "
+              f"{speedup:>8.1f}x {100 * run['fraction_of_compute_limit']:>8.1f}%")
+    if naive["prompts"] != len(prompts):
+        print(f"naive loop measured on the first {naive['prompts']} prompts; for all {len(prompts)} it would take "
+              f"~{naive_wall:.0f} s at that rate")
+    print(f"wall-time ratio (naive / align): {naive_wall / ours['seconds']:.1f}x; "
+          f"distinct candidates: {ours['distinct_candidates']}/{ours['candidates']}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "model": args.model, "prompts": str(args.prompts), "num_prompts": len(prompts),
+        "num_candidates": args.num_candidates, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "platform": platform.platform()},
+        "matmul_gflops": gflops, "flops_per_token": flops_per_token, "compute_limit_tokens_per_second": limit,
+        "runs": runs, "speedup_tokens_per_second": ratio,
+        "speedup_wall_time": naive_wall / ours["seconds"],
+    }, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
