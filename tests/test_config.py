@@ -63,3 +63,16 @@ def test_missing_and_invalid_yaml(tmp_path: Path) -> None:
     path.write_text("beta: 1\n")
     with pytest.raises(ConfigError, match="'model' is required"):
         load_config(Example, path)
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads 5e-6 as a string; a learning rate typed that way must still be a number."""
+
+    class Rates(StrictConfig):
+        learning_rate: float
+        steps: int = 1
+
+    assert load_config(Rates, None, ["learning_rate=5e-6", "steps=3"]).learning_rate == 5e-6
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 5e-6\n")
+    assert load_config(Rates, path).learning_rate == 5e-6

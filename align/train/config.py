@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from align.config import StrictConfig
+from align.config import StrictConfig, as_number
 from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
 
@@ -62,7 +62,8 @@ class TrainConfig(StrictConfig):
     def _check_trl_keys(self) -> "TrainConfig":
         fields = trl_fields(self.method)
         own = set(type(self).model_fields)
-        for key, value in (self.model_extra or {}).items():
+        for key, value in list((self.model_extra or {}).items()):
+            value = self.model_extra[key] = as_number(value)  # `learning_rate: 5e-6` in YAML is a string
             if key not in fields:
                 close = difflib.get_close_matches(key, sorted(set(fields) | own), n=1, cutoff=0.6)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
