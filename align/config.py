@@ -34,11 +34,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
+    if raw.strip().lower() in _YAML11_WORDS:
+        return key.split("."), raw.strip()  # `save_strategy=no` means the string "no", not False
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), as_number(value)
+
+
+# YAML 1.1 turns these into booleans; on a command line they are words (true/false stay booleans).
+_YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

@@ -76,3 +76,12 @@ def test_exponent_without_a_dot_is_a_number(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("learning_rate: 5e-6\n")
     assert load_config(Rates, path).learning_rate == 5e-6
+
+
+def test_yes_no_stay_words_in_overrides() -> None:
+    class Saving(StrictConfig):
+        save_strategy: str = "steps"
+        flag: bool = False
+
+    config = load_config(Saving, None, ["save_strategy=no", "flag=true"])
+    assert config.save_strategy == "no" and config.flag is True
