@@ -10,9 +10,8 @@ from typing import Any
 
 from align.data.formats import CONVERTERS, FieldError, detect_format, pairs_to_unpaired
 from align.data.io import Malformed, iter_rows
-from align.data.records import detect_kind, to_plain
+from align.data.records import PreferencePair, UnpairedExample, detect_kind, to_plain
 from align.data.validate import parse_row
-from align.data.records import PreferencePair, UnpairedExample
 from align.errors import DataError, Location, Problem
 
 log = logging.getLogger(__name__)
