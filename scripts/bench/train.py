@@ -120,6 +120,8 @@ def main() -> None:
             results.append({"kind": kind, "variant": name, "wall_s": round(wall, 1),
                             "pairs_per_s": round(trained_pairs / wall, 4), "peak_rss_gb": round(rss, 2),
                             "first_loss": losses[0], "final_loss": losses[-1]})
+            # Each row as soon as it is measured: a long benchmark stopped part-way still says something.
+            print(f"  {kind} / {name}: {results[-1]}", file=sys.stderr, flush=True)
 
     for row in results:
         base = next(r for r in results if r["kind"] == row["kind"] and r["variant"] == "TRL defaults")
