@@ -10,7 +10,6 @@ reruns that stage and everything after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -23,7 +22,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from align.config import StrictConfig, load_config
-from align.data.io import atomic_path
+from align.data.io import atomic_path, sha256_of
 from align.data.records import content_hash
 from align.errors import ConfigError
 
@@ -86,18 +85,6 @@ class StageRecord:
     seconds: float | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
-
-
-def sha256_of(path: Path) -> str:
-    """A file's hash, or a folder's (its files' names and contents, in order)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for p in files:
-        digest.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -240,6 +240,33 @@ def write_records(path: str | Path, records: Iterable[Any]) -> int:
     return len(materialised)
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """A JSON document (run metadata, metrics), written atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def sha256_of(path: str | Path) -> str:
+    """A file's SHA-256, or a folder's (its files' relative names and contents, in order)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        if path.is_dir():
+            digest.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 class JsonlAppender:
     """Appends one record per line, each in a single ``write``; safe to kill at any moment.
 

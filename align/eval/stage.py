@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align.config import StrictConfig
-from align.data.io import atomic_path
+from align.data.io import atomic_path, write_json
 from align.data.records import CandidateSet, text_of
 from align.data.validate import read_records
 from align.eval.logprobs import completion_logprobs
@@ -97,7 +97,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     if config.pairs:
         metrics["implicit_reward"] = _implicit_reward(config)
 
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     with atomic_path(out / "per_prompt.jsonl") as tmp:
         tmp.write_text("".join(json.dumps({"prompt_id": k, **v}) + "\n" for k, v in sorted(per_prompt.items())))
     from align.eval.report import write_report
@@ -253,10 +253,3 @@ def _log_wandb(config: EvalConfig, metrics: dict[str, Any], out: Path) -> None:
     for png in sorted(out.glob("*.png")):
         run.log({png.stem: wandb.Image(str(png))})
     run.finish()
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-
-

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from align.data.formats import CONVERTERS, FieldError, detect_format, pairs_to_unpaired
-from align.data.io import Malformed, iter_rows
+from align.data.io import Malformed, iter_rows, sha256_of
 from align.data.records import PreferencePair, UnpairedExample, detect_kind, to_plain
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
@@ -27,17 +27,6 @@ class TrainingData:
     path: str
     file_sha256: str
     converted_from: str | None = None  # source format when the file was not already TRL-shaped
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for q in files:
-        with open(q, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def load_training_data(path: str | Path, method: str, *, max_problems: int = 20) -> TrainingData:
@@ -59,7 +48,7 @@ def load_training_data(path: str | Path, method: str, *, max_problems: int = 20)
         kind = "unpaired"
     columns = TRL_COLUMNS[kind]
     shaped = [{c: to_plain(row[c]) for c in columns} for row in rows]
-    return TrainingData(shaped, kind, str(path), file_sha256(path), source_format)
+    return TrainingData(shaped, kind, str(path), sha256_of(path), source_format)
 
 
 def _read_any(path: str | Path, max_problems: int) -> tuple[list[dict[str, Any]], str, str | None]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import dump_config
-from align.data.io import atomic_path
+from align.data.io import write_json, write_text
 from align.errors import AlignError, ConfigError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
@@ -123,7 +123,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         _set_kto_weights(config, args, train_rows)
     preflight = run_preflight(train_rows, tokenizer, method=config.method, max_length=args.max_length,
                               per_device_train_batch_size=args.per_device_train_batch_size)
-    _write_text(run_dir / "preflight.txt", preflight.text() + "\n")
+    write_text(run_dir / "preflight.txt", preflight.text() + "\n")
     log.info("%s", preflight.text())
     if config.preflight:
         check_or_raise(preflight)
@@ -153,7 +153,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
     trainer_cls = _trainer_class(config.method, config.prefix_sharing)
     trainer_cls.align_ref_store = store
-    set_seed_everywhere(args.seed)
+    transformers.set_seed(args.seed)
     trainer = trainer_cls(
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
@@ -161,12 +161,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         peft_config=peft_config, callbacks=[MetricsFileCallback(run_dir / "metrics.jsonl")],
     )
     dump_config(config, run_dir / "config.yaml")
-    _write_json(run_dir / "data.json", {
+    write_json(run_dir / "data.json", {
         "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
                   "rows_used": len(train_rows), "converted_from": data.converted_from},
         "eval": {"path": config.eval_data, "rows": len(heldout_rows), "split": config.eval_split},
     })
-    _write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
+    write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
 
     # Measured once, before the first step; a resumed run reads it back.
     before_file = run_dir / "eval_before.json"
@@ -176,7 +176,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
             eval_before = json.loads(before_file.read_text())
         else:
             eval_before = _evaluate(trainer, "before")
-            _write_json(before_file, eval_before)
+            write_json(before_file, eval_before)
     checkpoint = True if resume and _has_checkpoint(run_dir) else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_after = _evaluate(trainer, "after") if heldout_rows else {}
@@ -197,15 +197,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
         tokenizer.save_pretrained(str(weights_dir))
         plot = plot_training_curves(metrics, run_dir / "curves.png", title=f"{config.method.upper()} {run_dir.name}")
         result.plot = str(plot) if plot else None
-        _write_json(run_dir / "run.json", {**asdict(result), "versions": {
+        write_json(run_dir / "run.json", {**asdict(result), "versions": {
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
     return result
-
-
-def set_seed_everywhere(seed: int) -> None:
-    from transformers import set_seed
-
-    set_seed(seed)
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
@@ -279,13 +273,3 @@ def _fingerprint_source(source: Any, module: Any) -> str:
         return base + (":" + weights_fingerprint(source.adapter) if source.adapter else "")
     except (FileNotFoundError, NotADirectoryError):
         return module_fingerprint(module)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
