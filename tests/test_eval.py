@@ -48,8 +48,11 @@ def test_reference_against_itself_is_a_coin_flip_with_zero_kl(tiny_model_dir: Pa
     # different seeds for the two sides: a model against itself is not 40 identical ties
     assert metrics["ties"] < 40
     assert set(metrics["rules"]) == {"short", "no_digits"}
+    for role in ("model", "reference"):  # meeting every rule is bounded by the per-rule pass rates
+        per_rule = [stats[f"{role}_pass"] for stats in metrics["rules"].values()]
+        assert 1 - sum(1 - p for p in per_rule) - 1e-9 <= metrics[f"rule_pass_rate_{role}"] <= min(per_rule) + 1e-9
     report = (out / "report.md").read_text()
-    assert "win rate" in report and "KL" in report
+    assert "win rate" in report and "KL" in report and "meets every rule" in report
     for png in ("win_rate.png", "reward_vs_kl.png", "length_hist.png"):
         assert (out / png).stat().st_size > 1000
     assert "report:" in stdout

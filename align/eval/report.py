@@ -40,6 +40,8 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
     if "rule_score_model" in m:
         lines += [f"| mean rule score (reference -> student) | {_fmt(m['rule_score_reference'])} -> "
                   f"{_fmt(m['rule_score_model'])} |",
+                  f"| meets every rule (reference -> student) | {_fmt(m['rule_pass_rate_reference'])} -> "
+                  f"{_fmt(m['rule_pass_rate_model'])} |",
                   f"| passes hard rules (reference -> student) | {_fmt(m['pass_rate_reference'])} -> "
                   f"{_fmt(m['pass_rate_model'])} |"]
     if "implicit_reward" in m:
@@ -111,3 +113,19 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    """The few numbers a person reads first, for the end of `align eval` and `align pipeline run`."""
+    lines = [f"win rate of the student vs the reference: {m['win_rate']:.3f} "
+             f"(95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}; "
+             f"wins/ties/losses {m['wins']}/{m['ties']}/{m['losses']})"]
+    if "rule_score_model" in m:
+        lines.append(f"rule score {m['rule_score_reference']:.3f} -> {m['rule_score_model']:.3f}; "
+                     f"meets every rule {m['rule_pass_rate_reference']:.3f} -> {m['rule_pass_rate_model']:.3f}; "
+                     f"passes hard rules {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
+    lines.append(f"KL(student||reference): {m['kl_per_token']:.4f} per token, "
+                 f"{m['kl_per_sequence']:.3f} per sequence")
+    lines.append(f"mean length: {m['mean_length_reference']:.1f} -> {m['mean_length_model']:.1f} tokens; "
+                 f"hit the cap {m['hit_length_cap_reference']:.2f} -> {m['hit_length_cap_model']:.2f}")
+    return lines

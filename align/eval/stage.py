@@ -6,7 +6,8 @@ compared with itself is a fair coin). Then:
 
 * win rate of the student against the reference, by the rules or the LLM judge
   (both orders), ties counted apart, with a bootstrap 95% interval over prompts;
-* per-rule mean scores and pass rates, before (reference) and after (student);
+* per-rule mean scores and pass rates, and the share of answers meeting every rule,
+  before (reference) and after (student);
 * KL(student || reference), estimated on the student's own samples:
   E_y~student [log p_student(y|x) - log p_reference(y|x)], per sequence and per token;
 * response length (tokens, words) and how often the length cap was hit;
@@ -131,6 +132,8 @@ def _judge(config: EvalConfig, rules: Any, sampled: dict[str, dict[str, Candidat
                                                      response.num_tokens))
                 scores[role] = result.score
                 per_prompt[pid][f"{role}_score"] = result.score
+                per_prompt[pid][f"{role}_meets_every_rule"] = bool(result.rules) and all(
+                    o["passed"] for o in result.rules.values())
                 for name, outcome in result.rules.items():
                     stats = rule_stats.setdefault(name, {"model_score": [], "reference_score": [],
                                                          "model_pass": [], "reference_pass": []})
@@ -148,6 +151,11 @@ def _judge(config: EvalConfig, rules: Any, sampled: dict[str, dict[str, Candidat
         metrics["pass_rate_model"] = mean([1.0 if (v.get("model_score") or 0) > 0 else 0.0 for v in per_prompt.values()])
         metrics["pass_rate_reference"] = mean([1.0 if (v.get("reference_score") or 0) > 0 else 0.0
                                                for v in per_prompt.values()])
+        # Hard rules are filters that almost every answer passes; an answer that meets every rule is the
+        # stricter headline that can actually move.
+        for role in ("model", "reference"):
+            metrics[f"rule_pass_rate_{role}"] = mean([1.0 if v[f"{role}_meets_every_rule"] else 0.0
+                                                      for v in per_prompt.values()])
         for name, stats in metrics["rules"].items():  # flat keys too, for dashboards
             metrics[f"rule/{name}/model"] = stats["model_score"]
             metrics[f"rule/{name}/reference"] = stats["reference_score"]
