@@ -39,6 +39,8 @@ class GenerateConfig(StrictConfig):
     output: Path
     model: str = DEFAULT_MODEL
     num_candidates: int = Field(4, ge=1)
+    # The first N prompts of the file only (a quick trial); raising it later answers the rest.
+    max_prompts: int | None = Field(None, ge=1)
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
 
     # Sampling, in transformers' GenerationConfig names.

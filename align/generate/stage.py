@@ -131,7 +131,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
 
     output = Path(config.output)
     check_output_path(output)
-    records = read_prompts(config.prompts)  # all input checked before the output is touched
+    records = read_prompts(config.prompts)[: config.max_prompts]  # all input checked before the output is touched
     expected = settings_hash(config)
     if config.overwrite:
         output.unlink(missing_ok=True)
