@@ -1,0 +1,1 @@
+"""Knowledge distillation: the student learns the teacher's token distributions (TRL's GKD underneath)."""
