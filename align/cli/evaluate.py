@@ -15,6 +15,9 @@ def evaluate(
     judge: Path = typer.Option(None, "--judge", help="Rules YAML used as the judge."),
     judge_model: str = typer.Option(None, "--judge-model", help="LLM judge (pairwise, both orders)."),
     pairs: Path = typer.Option(None, "--pairs", help="Held-out pairs for implicit-reward accuracy."),
+    teacher: str = typer.Option(None, "--teacher", help="Teacher: the student's per-token KL to it and agreement."),
+    teacher_system_prompt: str = typer.Option(None, "--teacher-system-prompt",
+                                              help="Seen by the teacher only: text, or @file."),
     output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Report dir."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML with any of these settings."),
 ) -> None:
@@ -25,7 +28,8 @@ def evaluate(
     from align.eval import EvalConfig, run_eval
 
     settings = {"model": model, "reference": reference, "prompts": prompts, "judge": judge,
-                "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir}
+                "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir, "teacher": teacher,
+                "teacher_system_prompt": teacher_system_prompt}
     result = run_eval(load_config(EvalConfig, config, list(ctx.args), updates=settings))
     m = result.metrics
     typer.echo(f"win rate {m['win_rate']:.3f} (95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}); "
@@ -35,4 +39,8 @@ def evaluate(
     if "rule_score_model" in m:
         typer.echo(f"rule score: {m['rule_score_reference']:.3f} -> {m['rule_score_model']:.3f}; "
                    f"pass rate {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
+    if "teacher" in m:
+        t = m["teacher"]
+        typer.echo(f"KL(teacher||student): {t['kl_per_token']:.4f} per token; token agreement "
+                   f"{t['token_agreement']:.3f}; greedy exact match {t['exact_match']:.3f}")
     typer.echo(f"report: {result.report}")

@@ -1,4 +1,4 @@
-"""`align train dpo|kto` and `align export`: thin wrappers over align.train."""
+"""`align train dpo|kto|distill` and `align export`: thin wrappers over align.train."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train a student with DPO or KTO on TRL (LoRA by default; key=value sets any TRL option).",
+app = typer.Typer(help="Train a student with DPO, KTO or distillation on TRL (LoRA by default; key=value sets any "
+                       "TRL option).",
                   no_args_is_help=True)
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -54,6 +55,53 @@ def _command(method: str):
 
 app.command("dpo", context_settings=_EXTRA)(_command("dpo"))
 app.command("kto", context_settings=_EXTRA)(_command("kto"))
+
+
+@app.command("distill", context_settings=_EXTRA)
+def distill(
+    ctx: typer.Context,
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config (TRL GKD names: beta, lmbda, temperature, ...)."),
+    model: str = typer.Option(None, "--model", help="Student: hub id, folder, run dir or bundled:NAME."),
+    teacher: str = typer.Option(None, "--teacher", help="Teacher model; unset: the data's stored top-k log-probs."),
+    teacher_system_prompt: str = typer.Option(None, "--teacher-system-prompt",
+                                              help="Seen by the teacher only: text, or @file."),
+    data: str = typer.Option(None, "--data", help="Prompts, candidates (align generate), pairs or prompt/completion rows."),
+    output_dir: str = typer.Option(None, "--output-dir", "-o", help="Run dir."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run dir's last checkpoint."),
+) -> None:
+    """Knowledge distillation: the student learns the teacher's token distributions (GKD; forward/reverse KL,
+    JSD). With method=dpo in the config, a DPO run plus a KD term on the chosen answers.
+
+    Extra key=value arguments set config keys (e.g. max_steps=8 lmbda=0.5)."""
+    from align.train.distill import load_distill_config
+    from align.train.distill.preference import PreferenceDistillConfig, train_with_distillation
+    from align.train.distill.run import distill as run_distill
+
+    settings = {"model": model, "teacher": teacher, "teacher_system_prompt": teacher_system_prompt, "data": data,
+                "output_dir": output_dir}
+    loaded = load_distill_config(config, list(ctx.args), **{k: v for k, v in settings.items() if v})
+    if isinstance(loaded, PreferenceDistillConfig):
+        result = train_with_distillation(loaded, resume=resume)
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"DPO + KD finished: {result.steps} steps in {result.seconds:.0f} s, final loss "
+                       f"{_round(result.final_loss)}")
+            typer.echo(f"run dir: {result.run_dir} (weights in {result.weights}, curves in {result.plot})")
+        return
+    result = run_distill(loaded, resume=resume)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    typer.echo(f"distillation finished: {result.steps} steps in {result.seconds:.0f} s, final loss "
+               f"{_round(result.final_loss)}")
+    typer.echo(f"teacher: {result.teacher}")
+    for key, label in (("kl_per_token", "KL(teacher||student) per token"), ("token_agreement", "token agreement"),
+                       ("exact_match", "greedy exact match")):
+        if key in result.eval_after:
+            typer.echo(f"held-out {label}: {result.eval_before[key]:.4f} -> {result.eval_after[key]:.4f}")
+    typer.echo(f"run dir: {result.run_dir} (weights in {result.weights}, curves in {result.plot})")
+
+
+def _round(value: float | None) -> float | None:
+    return value if value is None else round(value, 4)
 
 
 def export(

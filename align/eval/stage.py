@@ -51,6 +51,8 @@ class EvalConfig(StrictConfig):
     seed: int = 0
     batch_size: int = Field(32, ge=1)
     report_to: list[Literal["wandb"]] = Field(default_factory=list)
+    teacher: str | None = Field(None, description="a teacher: the student's KL to it and agreement (align.eval.teacher)")
+    teacher_system_prompt: str | None = Field(None, description="seen by the teacher only: text or @file")
 
     @model_validator(mode="after")
     def _one_judge(self) -> "EvalConfig":
@@ -97,6 +99,10 @@ def run_eval(config: EvalConfig) -> EvalResult:
         per_prompt[pid]["log_ratio"] = value
     if config.pairs:
         metrics["implicit_reward"] = _implicit_reward(config)
+    if config.teacher:
+        from align.eval.teacher import teacher_metrics
+
+        metrics["teacher"] = teacher_metrics(config, out)
 
     write_json(out / "metrics.json", metrics)
     with atomic_path(out / "per_prompt.jsonl") as tmp:
@@ -104,6 +110,10 @@ def run_eval(config: EvalConfig) -> EvalResult:
     from align.eval.report import write_report
 
     report = write_report(out, metrics, per_prompt, sampled, prompt_ids)
+    if config.teacher:
+        from align.eval.teacher import add_to_report
+
+        add_to_report(report, metrics["teacher"])
     if config.report_to:
         _log_wandb(config, metrics, out)
     return EvalResult(str(out), metrics, str(report))

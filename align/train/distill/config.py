@@ -1,0 +1,161 @@
+"""`align train distill` settings: align's own keys plus any TRL ``GKDConfig`` field, by TRL's names.
+
+Flat, as TRL's configs are: ``beta``, ``lmbda``, ``temperature``, ``seq_kd``, ``max_new_tokens``,
+``max_length``, ``learning_rate``, ``max_steps`` ... sit beside align's keys (``model``, ``teacher``,
+``teacher_system_prompt``, ``data``, ``alpha``, ``lora``). A key that is neither is an error with the
+closest valid name.
+
+Meanings that differ from TRL's GKD: ``temperature`` softens both distributions in the loss as well
+as sampling (as in TRL's ``DistillationTrainer``), and align's default is 1.0 rather than 0.9, so the
+default loss is the plain divergence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from align.config import StrictConfig, as_number
+from align.errors import ConfigError
+from align.models import DEFAULT_MODEL
+from align.train.config import LoraSettings, _check_simple_type
+from align.train.distill.losses import SparseTail
+
+# GKDConfig fields that align sets from its own keys (a second way to say them would only confuse).
+_OWNED_BY_ALIGN = {"teacher_model_name_or_path": "teacher", "teacher_model_init_kwargs": "teacher",
+                   "output_dir": "output_dir", "dataset_kwargs": None, "remove_unused_columns": None}
+
+
+def system_prompt_text(value: str | None) -> str | None:
+    """A system prompt given as text, or as ``@path`` to read it from a file (as `align generate` takes it)."""
+    if value is None or not value.startswith("@"):
+        return value or None
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"system prompt file {path} does not exist")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"system prompt file {path} is empty")
+    return text
+
+
+class DistillConfig(StrictConfig):
+    """Everything a distillation run needs. Unknown keys are checked against TRL's ``GKDConfig``."""
+
+    model_config = StrictConfig.model_config | {"extra": "allow"}
+
+    method: Literal["kd"] = Field("kd", description="'kd'; 'dpo' makes it a DPO run with a KD term (see preference)")
+    model: str = Field(DEFAULT_MODEL, description="the student")
+    teacher: str | None = Field(None, description="teacher model spec; unset: the data's stored top-k log-probs")
+    teacher_system_prompt: str | None = Field(None, description="seen by the teacher only: text or @file")
+    data: str
+    eval_data: str | None = Field(None, description="held-out prompts: KL to the teacher before/after training")
+    eval_max_prompts: int | None = Field(None, ge=1, description="use only the first N held-out prompts")
+    eval_max_new_tokens: int = Field(64, ge=1, description="length of the greedy answers compared on held-out prompts")
+    output_dir: str
+    lora: LoraSettings | None = Field(default_factory=LoraSettings, description="null for a full fine-tune")
+    alpha: float = Field(0.0, ge=0.0, le=1.0, description="share of hard-label cross-entropy: (1-alpha)*KD + alpha*CE")
+    sparse: bool | None = Field(None, description="use the stored top-k log-probs; default: when no teacher is given")
+    sparse_tail: SparseTail = Field("bucket", description="the mass outside the teacher's top-k: bucket | renormalize")
+    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_switch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("lora"), bool):
+            data = {**data, "lora": {} if data["lora"] else None}
+        return data
+
+    @field_validator("teacher_system_prompt")
+    @classmethod
+    def _read_system_prompt(cls, value: str | None) -> str | None:
+        return system_prompt_text(value)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillConfig":
+        fields = gkd_fields()
+        own = set(type(self).model_fields)
+        for key, value in list((self.model_extra or {}).items()):
+            value = self.model_extra[key] = as_number(value)  # `learning_rate: 5e-6` in YAML is a string
+            if key in _OWNED_BY_ALIGN:
+                instead = _OWNED_BY_ALIGN[key]
+                raise ValueError(f"'{key}' is set by align" + (f": use '{instead}'" if instead else ""))
+            if key not in fields:
+                close = difflib.get_close_matches(key, sorted(set(fields) | own), n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown key '{key}' for distillation{hint}")
+            _check_simple_type(key, value, fields[key])
+        if self.uses_stored_logprobs:
+            for key in ("lmbda", "seq_kd"):
+                if self.trl_overrides.get(key):
+                    raise ValueError(f"'{key}' needs completions the stored log-probs do not cover (student or "
+                                     "teacher generations): give a teacher model and sparse: false, or set "
+                                     f"{key} to 0/false")
+        if self.sparse is False and self.teacher is None:
+            raise ValueError("'sparse' is false but no 'teacher' is given: name a teacher model")
+        return self
+
+    @property
+    def uses_stored_logprobs(self) -> bool:
+        return self.sparse if self.sparse is not None else self.teacher is None
+
+    @property
+    def trl_overrides(self) -> dict[str, Any]:
+        """The TRL settings the user gave explicitly."""
+        return dict(self.model_extra or {})
+
+
+def gkd_fields() -> dict[str, Any]:
+    from trl.experimental.gkd import GKDConfig
+
+    return {f.name: f.type for f in dataclasses.fields(GKDConfig) if f.init}
+
+
+def distill_trl_defaults(config: DistillConfig, *, on_gpu: bool, bf16_ok: bool) -> dict[str, Any]:
+    """align's defaults over TRL's, each for a reason.
+
+    - ``temperature`` 1.0: it is also the loss temperature here (see the module docstring).
+    - ``lmbda`` 0 without a teacher model: stored log-probs cannot score the student's own samples.
+    - A LoRA update needs roughly ten times a full fine-tune's learning rate.
+    - Gradient checkpointing recomputes every activation; for small students it only costs time.
+    - CPU needs fp32 (``use_cpu``, no bf16); a GPU gets bf16 and TF32.
+    - Logging every step to the run dir's metrics file, and two checkpoints, make curves readable
+      and resume possible.
+    """
+    defaults: dict[str, Any] = {
+        "temperature": 1.0,
+        "learning_rate": 1e-4 if config.lora is not None else 1e-5,
+        "gradient_checkpointing": False,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 50,
+        "save_total_limit": 2,
+        "report_to": [],
+        "seed": 0,
+    }
+    if config.uses_stored_logprobs:
+        defaults.update(lmbda=0.0, seq_kd=False)
+    if on_gpu:
+        defaults.update(bf16=bf16_ok, tf32=True)
+    else:
+        defaults.update(use_cpu=True, bf16=False)
+    return defaults
+
+
+def build_gkd_args(config: DistillConfig, run_dir: str | Path, *, on_gpu: bool, bf16_ok: bool) -> Any:
+    """The TRL ``GKDConfig``: align's defaults, then the user's explicit settings."""
+    from trl.experimental.gkd import GKDConfig
+
+    args = distill_trl_defaults(config, on_gpu=on_gpu, bf16_ok=bf16_ok)
+    args.update(config.trl_overrides)
+    args["output_dir"] = f"{run_dir}/checkpoints"
+    if isinstance(args.get("report_to"), str):
+        args["report_to"] = [args["report_to"]]
+    try:
+        return GKDConfig(**args)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"TRL rejected the distillation settings: {exc}") from exc
