@@ -26,19 +26,15 @@ def evaluate(
     Extra key=value arguments set any other setting (max_new_tokens=64, seed=1, ...)."""
     from align.config import load_config
     from align.eval import EvalConfig, run_eval
+    from align.eval.report import summary_lines
 
     settings = {"model": model, "reference": reference, "prompts": prompts, "judge": judge,
                 "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir, "teacher": teacher,
                 "teacher_system_prompt": teacher_system_prompt}
     result = run_eval(load_config(EvalConfig, config, list(ctx.args), updates=settings))
     m = result.metrics
-    typer.echo(f"win rate {m['win_rate']:.3f} (95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}); "
-               f"wins/ties/losses {m['wins']}/{m['ties']}/{m['losses']}")
-    typer.echo(f"KL(student||reference): {m['kl_per_token']:.4f} per token, {m['kl_per_sequence']:.3f} per sequence")
-    typer.echo(f"mean length: {m['mean_length_reference']:.1f} -> {m['mean_length_model']:.1f} tokens")
-    if "rule_score_model" in m:
-        typer.echo(f"rule score: {m['rule_score_reference']:.3f} -> {m['rule_score_model']:.3f}; "
-                   f"pass rate {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
+    for line in summary_lines(m):
+        typer.echo(line)
     if "teacher" in m:
         t = m["teacher"]
         typer.echo(f"KL(teacher||student): {t['kl_per_token']:.4f} per token; token agreement "
