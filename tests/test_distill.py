@@ -280,3 +280,15 @@ def test_the_shipped_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.teacher_system_prompt.startswith("You answer questions concisely")
     assert config.trl_overrides["max_steps"] == 3 and config.trl_overrides["lmbda"] == 0.5
     assert len(load_distill_data(config.data).examples) == 120
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint(tiny_model_dir: Path, candidates_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumable"
+    first = align.train.distill.distill(**_settings(tiny_model_dir, out, data=str(candidates_file), save_steps=1))
+    assert first.steps == 2
+    with pytest.raises(Exception, match="already holds a run with checkpoints"):
+        align.train.distill.distill(**_settings(tiny_model_dir, out, data=str(candidates_file), max_steps=3))
+    resumed = align.train.distill.distill(**_settings(tiny_model_dir, out, data=str(candidates_file), max_steps=3,
+                                                      save_steps=1), resume=True)
+    assert resumed.steps == 3
+    assert [row["step"] for _, row in iter_rows(out / "metrics.jsonl") if "loss" in row] == [1, 2, 3]
