@@ -110,7 +110,8 @@ def test_the_completion_sits_in_the_same_columns_after_both_prompts(tiny_model_d
     tokenizer = load_tokenizer(str(tiny_model_dir))
     model = load_model(str(tiny_model_dir)).eval()
     examples = [DistillExample("Hi?", Location("x"), completion="Hello there, friend."),
-                DistillExample("A much longer question about the weather in spring?", Location("x"), completion="Rain.")]
+                DistillExample("A much longer question about the weather in spring?", Location("x"),
+                               completion="Rain.")]
     rows, dropped = encode_examples(examples, tokenizer, teacher_system_prompt=SYSTEM, max_length=None)
     assert dropped == 0 and all(r["teacher_prompt_ids"] != r["prompt_ids"] for r in rows)
     batch = DistillCollator(tokenizer.pad_token_id)(rows)
@@ -166,7 +167,8 @@ def test_sparse_distillation_needs_no_teacher_model(tiny_model_dir: Path, candid
     args = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
     assert args["lmbda"] == 0.0 and args["seq_kd"] is False
     with pytest.raises(ConfigError, match="'lmbda' needs completions the stored log-probs do not cover"):
-        align.train.distill.distill(**_settings(tiny_model_dir, tmp_path / "never", data=str(candidates_file), lmbda=0.5))
+        align.train.distill.distill(**_settings(tiny_model_dir, tmp_path / "never", data=str(candidates_file),
+                                                lmbda=0.5))
 
 
 def test_sparse_loss_in_the_trainer_equals_the_dense_one_when_k_covers_the_vocabulary(

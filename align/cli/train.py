@@ -60,12 +60,14 @@ app.command("kto", context_settings=_EXTRA)(_command("kto"))
 @app.command("distill", context_settings=_EXTRA)
 def distill(
     ctx: typer.Context,
-    config: Path = typer.Option(None, "--config", "-c", help="YAML config (TRL GKD names: beta, lmbda, temperature, ...)."),
+    config: Path = typer.Option(None, "--config", "-c",
+                                help="YAML config (TRL GKD names: beta, lmbda, temperature, ...)."),
     model: str = typer.Option(None, "--model", help="Student: hub id, folder, run dir or bundled:NAME."),
     teacher: str = typer.Option(None, "--teacher", help="Teacher model; unset: the data's stored top-k log-probs."),
     teacher_system_prompt: str = typer.Option(None, "--teacher-system-prompt",
                                               help="Seen by the teacher only: text, or @file."),
-    data: str = typer.Option(None, "--data", help="Prompts, candidates (align generate), pairs or prompt/completion rows."),
+    data: str = typer.Option(None, "--data",
+                             help="Prompts, candidates (align generate), pairs or prompt/completion rows."),
     output_dir: str = typer.Option(None, "--output-dir", "-o", help="Run dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run dir's last checkpoint."),
 ) -> None:

@@ -88,7 +88,8 @@ def collate(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Te
     batch["completion_ids"], batch["completion_mask"] = completion_ids, completion_mask
     for prefix, p, m in (("", prompts, prompt_mask), ("teacher_", teacher_prompts, teacher_mask)):
         ids, mask, positions = _sequence(p, m, completion_ids, completion_mask)
-        batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], batch[f"{prefix}position_ids"] = ids, mask, positions
+        batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"] = ids, mask
+        batch[f"{prefix}position_ids"] = positions
     if all(r.get("topk_ids") for r in rows if r.get("completion_ids")):
         width = max(len(alts) for r in rows for alts in r.get("topk_ids") or [[]])
         topk_ids = torch.zeros((len(rows), completion_ids.shape[1], width), dtype=torch.long)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from align.data.io import Malformed, iter_rows, sha256_of
-from align.data.records import CandidateSet, PreferencePair, PromptRecord, UnpairedExample, detect_kind, text_of, to_plain
+from align.data.records import (CandidateSet, PreferencePair, PromptRecord, UnpairedExample, detect_kind, text_of,
+                                to_plain)
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
 from align.train.distill.tokens import chat_prompt_ids, text_completion_ids
@@ -122,8 +123,9 @@ def _examples(row: Any, location: Location, skipped: dict[str, int]) -> tuple[st
             if not _is_text(prompt) or not _is_text(completion):
                 raise DataError(Problem(location, "completion", "prompt and completion must be text or chat messages"))
         return "completions", [DistillExample(to_plain(prompt), location, completion=text_of(completion))]
-    raise DataError(Problem(location, None, f"rows with keys {sorted(row)} are not distillation data: expected "
-                                            "prompts, candidates from `align generate`, pairs or prompt/completion rows"))
+    expected = "prompts, candidates from `align generate`, pairs or prompt/completion rows"
+    raise DataError(Problem(location, None,
+                            f"rows with keys {sorted(row)} are not distillation data: expected {expected}"))
 
 
 def _is_text(value: Any) -> bool:
@@ -150,7 +152,7 @@ def _candidate_examples(record: CandidateSet, location: Location, skipped: dict[
 
 def _stored_logprobs(entries: list[dict[str, Any]], location: Location, where: str
                      ) -> tuple[list[int], list[list[int]], list[list[float]]]:
-    """(completion ids, per-token alternative ids, their log-probs); the token actually written is always one of them."""
+    """(completion ids, per-token alternative ids, their log-probs); the written token is always among them."""
     ids, alt_ids, alt_logprobs = [], [], []
     for position, entry in enumerate(entries):
         if "token_id" not in entry or any("token_id" not in alt for alt in entry.get("top_logprobs") or []):
@@ -209,5 +211,6 @@ def encode_examples(examples: list[DistillExample], tokenizer: Any, *, teacher_s
         completion = (completion or [])[:room]
         keep = len(completion)
         rows.append({"prompt_ids": student, "teacher_prompt_ids": teacher, "completion_ids": completion,
-                     "topk_ids": (example.topk_ids or [])[:keep], "topk_logprobs": (example.topk_logprobs or [])[:keep]})
+                     "topk_ids": (example.topk_ids or [])[:keep],
+                     "topk_logprobs": (example.topk_logprobs or [])[:keep]})
     return rows, dropped

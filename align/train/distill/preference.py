@@ -129,7 +129,8 @@ class ChosenDistillMixin:
         if TEACHER_COLUMN in dataset.column_names:
             return dataset
         system_prompt = self._settings().system_prompt
-        return dataset.map(lambda ex: {TEACHER_COLUMN: teacher_prompt_ids(processing_class, ex["prompt"], system_prompt)})
+        return dataset.map(
+            lambda ex: {TEACHER_COLUMN: teacher_prompt_ids(processing_class, ex["prompt"], system_prompt)})
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()  # type: ignore[misc]
@@ -209,8 +210,8 @@ def _kd_trainer_classes(settings: ChosenDistillSettings) -> Iterator[None]:
 
     original = run._trainer_class
 
-    def with_kd(method: str, prefix_sharing: bool) -> type:
-        base = original(method, prefix_sharing)
+    def with_kd(*args: Any, **kwargs: Any) -> type:  # whatever run.py's factory takes, passed through
+        base = original(*args, **kwargs)
         return type(base.__name__, (ChosenDistillMixin, base), {"align_distill": settings})
 
     run._trainer_class = with_kd

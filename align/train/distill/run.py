@@ -187,7 +187,8 @@ def _describe_signal(config: DistillConfig, data: DistillData, system_prompt: st
     if config.uses_stored_logprobs:
         widths = {len(alts) for e in data.examples for alts in (e.topk_ids or [])}
         return (f"top-k log-probs stored in {config.data} (k up to {max(widths, default=0)}, tail: "
-                f"{config.sparse_tail}), written by {data.teacher or 'an unnamed teacher'}{prompted}; no teacher loaded")
+                f"{config.sparse_tail}), written by {data.teacher or 'an unnamed teacher'}{prompted}; "
+                "no teacher loaded")
     return f"{config.teacher}{prompted}, full distributions at every completion token"
 
 
