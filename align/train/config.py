@@ -48,6 +48,8 @@ class TrainConfig(StrictConfig):
     ref_cache_dir: str | None = None
     preflight: bool = True
     prefix_sharing: bool = Field(True, description="DPO: compute each pair's shared prompt once (same math)")
+    lean_lm_head: bool = Field(True, description="log-probs of completion tokens only, in small LM-head tiles "
+                               "(devices without Triton, e.g. CPU; same math as TRL's fused head)")
     trust_remote_code: bool = False
 
     @model_validator(mode="before")

@@ -16,6 +16,7 @@ from align.errors import AlignError, ConfigError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, split_holdout
+from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing, supports_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
@@ -39,12 +40,41 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _trainer_class(method: str, prefix_sharing: bool) -> type:
+def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True) -> type:
     from trl import DPOTrainer, KTOTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
-    mixins = (PrefixSharingMixin, RefCacheMixin) if method == "dpo" and prefix_sharing else (RefCacheMixin,)
+    mixins: tuple[type, ...] = (RefCacheMixin,)
+    if lean_lm_head:
+        mixins = (LeanHeadMixin, *mixins)
+    if method == "dpo" and prefix_sharing:
+        mixins = (PrefixSharingMixin, *mixins)
     return type(f"Align{base.__name__}", (*mixins, base), {"align_method": method})
+
+
+class LeanHeadMixin:
+    """Scores log-probs with align's lean LM head (see align.train.lm_head) on devices where TRL's is not lean.
+
+    Installed on the first reference forward (TRL precomputes the reference inside its ``__init__``, right
+    after it patches the models) and at the end of ``__init__``, whichever comes first.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._align_lean_heads()
+
+    def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+        self._align_lean_heads()
+        return super()._precompute_ref_logps(*args, **kwargs)  # type: ignore[misc]
+
+    def _align_lean_heads(self) -> None:
+        trainer: Any = self
+        if not needs_lean_lm_head(trainer.accelerator.device):
+            return
+        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        for model in (policy, trainer.ref_model):
+            if model is not None and not getattr(model, "align_lean_lm_head", False):
+                use_lean_lm_head(model)
 
 
 class PrefixSharingMixin:
@@ -151,7 +181,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     store = None
     if config.ref_cache and args.precompute_ref_log_probs:
         store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
-    trainer_cls = _trainer_class(config.method, config.prefix_sharing)
+    trainer_cls = _trainer_class(config.method, config.prefix_sharing, config.lean_lm_head)
     trainer_cls.align_ref_store = store
     transformers.set_seed(args.seed)
     trainer = trainer_cls(
