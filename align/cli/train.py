@@ -29,11 +29,15 @@ def _run(method: str, ctx: typer.Context, config: Path | None, model: str | None
     if result.ref_cache:
         typer.echo("reference log-probs: {reused} of {rows} rows reused from the cache, {computed} computed"
                    .format(**result.ref_cache))
+    # What an accuracy means before training, when every implicit reward is 0 and ties
+    accuracy_note = {"dpo": "share of pairs with chosen reward > rejected; ties count as misses, so 0 before training",
+                     "kto": "share of (desirable, undesirable) rows in reward order; ties count half, so 0.5 before"}
     for key in ("rewards/accuracies", "rewards/margins", "kl"):
         if key in result.eval_after:
             before = result.eval_before.get(key)
+            note = f"  ({accuracy_note[method]})" if key == "rewards/accuracies" and method in accuracy_note else ""
             typer.echo(f"held-out {key}: " + (f"{before:.3f} -> " if before is not None else "")
-                       + f"{result.eval_after[key]:.3f}")
+                       + f"{result.eval_after[key]:.3f}" + note)
     typer.echo(f"run dir: {result.run_dir} (weights in {result.weights}, curves in {result.plot})")
 
 

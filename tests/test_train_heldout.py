@@ -1,0 +1,62 @@
+"""KTO's held-out reward accuracy: the pairwise rule alone, then on a real KTO run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from align.train.heldout import pairwise_accuracy
+
+
+def _brute_force(rewards, desirable, tol):
+    pairs = [(a, b) for a, da in zip(rewards, desirable) if da for b, db in zip(rewards, desirable) if not db]
+    return sum(1.0 if a - b > tol else 0.5 if abs(a - b) <= tol else 0.0 for a, b in pairs) / len(pairs)
+
+
+def test_pairwise_accuracy_by_hand() -> None:
+    assert pairwise_accuracy([0.0] * 5, [True, False, True, True, False]) == 0.5  # before training: all tie
+    assert pairwise_accuracy([2.0, 1.0, -1.0], [True, True, False]) == 1.0
+    assert pairwise_accuracy([-2.0, 1.0], [True, False]) == 0.0
+    # desirable 1.0 beats -1 and ties 1.0; desirable 0.0 beats -1, loses to 1.0: (1 + 0.5 + 1 + 0) / 4
+    assert pairwise_accuracy([1.0, 0.0, -1.0, 1.0], [True, True, False, False]) == 0.625
+    assert pairwise_accuracy([1e-7, -1e-7], [True, False], tie_tolerance=1e-5) == 0.5  # float noise is a tie
+    assert pairwise_accuracy([1.0, 2.0], [True, True]) is None
+    with pytest.raises(ValueError):
+        pairwise_accuracy([1.0], [True, False])
+
+
+@pytest.mark.parametrize("tol", [0.0, 0.15])
+def test_pairwise_accuracy_equals_counting_every_pair(tol: float) -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        n = rng.randint(2, 30)
+        rewards = [round(rng.uniform(-1, 1), 1) for _ in range(n)]  # coarse values: many ties
+        desirable = [rng.random() < 0.6 for _ in range(n)]
+        if all(desirable) or not any(desirable):
+            continue
+        assert pairwise_accuracy(rewards, desirable, tol) == pytest.approx(_brute_force(rewards, desirable, tol))
+
+
+def test_kto_reports_heldout_reward_accuracy_that_rises_with_training(tiny_model_dir, tmp_path, capsys) -> None:
+    """Desirable rows share one answer, undesirable another: a few LoRA steps must order held-out rows better."""
+    import json
+
+    from align.data.io import write_records
+    from tests.clihelp import run_align
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: is it {['red', 'blue', 'green'][i % 3]}?"}],
+             "completion": [{"role": "assistant", "content": "Yes, certainly." if i % 2 else "No way, never." * (1 + i % 3)}],
+             "label": bool(i % 2)} for i in range(40)]
+    write_records(tmp_path / "kto.jsonl", rows)
+    code, out, err = run_align(capsys, "train", "kto", "--model", tiny_model_dir, "--data", tmp_path / "kto.jsonl",
+                               "-o", tmp_path / "run", f"ref_cache_dir={tmp_path / 'cache'}", "max_steps=6",
+                               "per_device_train_batch_size=4", "max_length=64", "eval_split=0.3",
+                               "learning_rate=1e-3", "save_strategy=no")
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["eval_before"]["rewards/accuracies"] == 0.5  # policy = reference: every reward is 0, all tie
+    assert run["eval_after"]["rewards/accuracies"] > 0.9
+    assert run["eval_after"]["rewards/margins"] > 0
+    assert "held-out rewards/accuracies: 0.500 -> " in out and "ties count half" in out
+    assert "held-out rewards/margins: 0.000 -> " in out
