@@ -1,0 +1,90 @@
+"""align's DPO/KTO trainers against plain TRL on one step: same loss, gradients and logged metrics.
+
+align's trainer classes add prefix sharing (DPO), the lean LM head and selective
+recompute on top of TRL's DPOTrainer/KTOTrainer; none of them may change the math.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.train import lm_head, recompute
+from align.train.lm_head import TokenLogProbs
+
+
+def _dpo_rows(n: int) -> list[dict]:
+    topics = ["tea", "rain", "maps", "bread", "chess", "owls"]
+    return [{"prompt": [{"role": "user", "content": f"Tell me one fact about {topics[i % 6]} (#{i})."}],
+             "chosen": [{"role": "assistant", "content": f"{topics[i % 6].capitalize()} is interesting, truly." * (1 + i % 2)}],
+             "rejected": [{"role": "assistant", "content": f"No idea about {topics[i % 6]}, sorry. " * (1 + i % 3)}]}
+            for i in range(n)]
+
+
+def _kto_rows(n: int) -> list[dict]:
+    return [{"prompt": [{"role": "user", "content": f"Question number {i}?"}],
+             "completion": [{"role": "assistant", "content": f"Answer {i}." * (1 + i % 3)}], "label": i % 3 != 0}
+            for i in range(n)]
+
+
+def _one_step(trainer_cls: type, method: str, model_dir, rows: list[dict], lora: bool, **settings) -> tuple:
+    """Loss, gradients and logged metrics of one training step of a fresh trainer on a fixed batch."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from align.models import load_tokenizer
+    from align.train.config import trl_config_class
+
+    args = trl_config_class(method)(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[], max_length=64,
+                                    per_device_train_batch_size=4, gradient_checkpointing=False, seed=0, **settings)
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    trainer = trainer_cls(model=model, args=args, processing_class=load_tokenizer(str(model_dir)),
+                          train_dataset=Dataset.from_list(rows), peft_config=peft_config)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k != "num_tokens"}
+    recomputing = sum(getattr(m, "align_selective_recompute", False) for m in trainer.model.modules())
+    return loss.detach(), grads, metrics, recomputing
+
+
+CASES = {
+    # full fine-tune, a separate reference copy (TRL's default without precompute), WPO weights (log sum p^2)
+    "dpo-full": ("dpo", False, False, {"precompute_ref_log_probs": False, "use_weighting": True}),
+    "dpo-lora-prefix-sharing": ("dpo", True, True, {"precompute_ref_log_probs": False}),
+    "dpo-lora-precomputed-ref": ("dpo", True, False, {"precompute_ref_log_probs": True}),
+    "kto-lora": ("kto", True, False, {"precompute_ref_log_probs": False}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_align_trainers_give_trls_loss_gradients_and_metrics(case: str, tiny_model_dir, monkeypatch) -> None:
+    import trl
+
+    from align.train.run import _trainer_class
+
+    method, lora, prefix_sharing, settings = CASES[case]
+    monkeypatch.setattr(lm_head, "TILE_ELEMENTS", 49152 * 7)  # 7 tokens per tile: many tiles per batch
+    monkeypatch.setattr(recompute, "MIN_KEPT_INNER_DIM", 8)  # the tiny model is 32 wide: keep its matmuls
+    calls = []
+    forward = TokenLogProbs.forward
+    monkeypatch.setattr(TokenLogProbs, "forward", staticmethod(lambda ctx, *a: calls.append(1) or forward(ctx, *a)))
+    rows = _dpo_rows(8) if method == "dpo" else _kto_rows(8)
+    plain = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[method]
+    expected = _one_step(plain, method, tiny_model_dir, rows, lora, **settings)
+    assert not calls
+    ours = _one_step(_trainer_class(method, prefix_sharing, lean_lm_head=True, selective_recompute=True), method,
+                     tiny_model_dir, rows, lora, **settings)
+    assert calls, "the lean head was not used"
+    assert expected[3] == 0 and ours[3] == 2, "selective recompute is not on for both decoder layers"
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == expected[1].keys() and ours[1]
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(ours[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert ours[2].keys() == expected[2].keys()
+    for name, value in expected[2].items():
+        assert ours[2][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
