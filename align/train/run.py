@@ -6,6 +6,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ class TrainResult:
 
 
 def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
-                   selective_recompute: bool = False) -> type:
+                   selective_recompute: bool = False, extra_mixins: Sequence[type] = ()) -> type:
+    """TRL's trainer for ``method`` with align's mixins; ``extra_mixins`` go first (outermost)."""
     from trl import DPOTrainer, KTOTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
@@ -54,6 +56,7 @@ def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
         mixins = (LeanHeadMixin, *mixins)
     if method == "dpo" and prefix_sharing:
         mixins = (PrefixSharingMixin, *mixins)
+    mixins = (*extra_mixins, *mixins)
     return type(f"Align{base.__name__}", (*mixins, base), {"align_method": method})
 
 
@@ -139,8 +142,12 @@ def _describe_reference(config: TrainConfig, student_kind: str) -> str:
     return f"{config.model} as loaded before training (reference log-probs computed once, no copy kept)"
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
-    """Run DPO or KTO on TRL as ``config`` says; see the module docstring for what lands in the run dir."""
+def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[type] = ()) -> TrainResult:
+    """Run DPO or KTO on TRL as ``config`` says; see the module docstring for what lands in the run dir.
+
+    ``extra_mixins`` extend the trainer class (in front of align's own), e.g. the KD term of
+    :mod:`align.train.distill.preference`.
+    """
     import datasets
     import torch
     import transformers
@@ -200,7 +207,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainResult:
     if config.ref_cache and args.precompute_ref_log_probs:
         store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
     trainer_cls = _trainer_class(config.method, config.prefix_sharing, config.lean_lm_head,
-                                 _selective_recompute(config, on_gpu))
+                                 _selective_recompute(config, on_gpu), extra_mixins)
     trainer_cls.align_ref_store = store
     transformers.set_seed(args.seed)
     trainer = trainer_cls(

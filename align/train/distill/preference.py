@@ -10,14 +10,12 @@ forward on the chosen half of the batch and one teacher forward; with ``distill_
 added, loaded or computed, and the run is a plain `align train dpo` run.
 
 The run itself is `align train dpo`'s (:func:`align.train.run.train`: pre-flight, reference cache,
-run dir), its trainer class extended by :class:`ChosenDistillMixin`.
+run dir), with :class:`ChosenDistillMixin` as an extra trainer mixin.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +95,8 @@ class _WithTeacherPrompts:
 class ChosenDistillMixin:
     """Mixed in before TRL's DPOTrainer: adds ``weight * KD`` on the chosen answers to its loss.
 
-    ``align_distill`` is set on the composed class (as run.py sets ``align_ref_store``), because
-    TRL's ``__init__`` prepares the datasets before a mixin's own ``__init__`` body runs.
+    ``align_distill`` is set on a subclass (see :func:`train_with_distillation`), not in ``__init__``,
+    because TRL's ``__init__`` prepares the datasets before a mixin's own ``__init__`` body runs.
     """
 
     align_distill: ChosenDistillSettings | None = None
@@ -200,27 +198,6 @@ def _split(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | Non
     return {k: v for k, v in inputs.items() if k not in _TEACHER_KEYS}, {k: inputs[k] for k in _TEACHER_KEYS}
 
 
-@contextlib.contextmanager
-def _kd_trainer_classes(settings: ChosenDistillSettings) -> Iterator[None]:
-    """While the run is built, `align train dpo`'s trainer class gets :class:`ChosenDistillMixin` in front.
-
-    run.py has no hook for extra mixins yet, so its class factory is wrapped for the duration of
-    one run (and restored even when the run fails)."""
-    from align.train import run
-
-    original = run._trainer_class
-
-    def with_kd(*args: Any, **kwargs: Any) -> type:  # whatever run.py's factory takes, passed through
-        base = original(*args, **kwargs)
-        return type(base.__name__, (ChosenDistillMixin, base), {"align_distill": settings})
-
-    run._trainer_class = with_kd
-    try:
-        yield
-    finally:
-        run._trainer_class = original
-
-
 def train_with_distillation(config: PreferenceDistillConfig, *, resume: bool = False) -> Any:
     """`align train dpo` with the KD term; a plain DPO run when ``distill_weight`` is 0."""
     from align.train.run import train
@@ -234,5 +211,8 @@ def train_with_distillation(config: PreferenceDistillConfig, *, resume: bool = F
                                      trust_remote_code=config.trust_remote_code)
     log.info("DPO + %.3g x KD(teacher %s%s) on the chosen answers", config.distill_weight, config.teacher,
              ", with a system prompt" if config.teacher_system_prompt else "")
-    with _kd_trainer_classes(settings):
-        return train(config, resume=resume)
+    if config.micro_batch_size == "auto":
+        # The KD term is a mean over the batch's chosen tokens; split batches would weigh pairs, not tokens.
+        config = config.model_copy(update={"micro_batch_size": None})
+    kd_mixin = type("ChosenDistill", (ChosenDistillMixin,), {"align_distill": settings})
+    return train(config, resume=resume, extra_mixins=(kd_mixin,))
