@@ -250,7 +250,8 @@ def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model_dir: Path
     """One packed sequence per pair (shared prompt) must be the same math as TRL's two rows per pair."""
     runs = {}
     for shared in (False, True):
-        result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / f"shared-{shared}", isolated_cache,
+        result = align.train.dpo({"micro_batch_size": None},  # whole batches: packing across pairs is tested too
+                                 **_settings(tiny_model_dir, pairs_file, tmp_path / f"shared-{shared}", isolated_cache,
                                              max_steps=3, per_device_train_batch_size=4, prefix_sharing=shared,
                                              save_strategy="no"))
         rows = [m for _, m in iter_rows(Path(result.run_dir) / "metrics.jsonl") if "loss" in m]
@@ -258,6 +259,41 @@ def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model_dir: Path
     for unshared, shared in zip(runs[False], runs[True]):
         assert shared == pytest.approx(unshared, rel=1e-4, abs=1e-5)
     assert runs[True][-1][0] < runs[True][0][0]  # and it does train
+
+
+def test_micro_batches_give_the_same_steps_as_whole_batches(tiny_model_dir: Path, pairs_file: Path,
+                                                           tmp_path: Path, isolated_cache: Path) -> None:
+    """A batch of 4 pairs run as 4 passes of 1 (gradient accumulation) must take the same optimizer steps."""
+    runs = {}
+    for micro in (None, 1):
+        result = align.train.dpo({"micro_batch_size": micro},  # a dict config keeps None (keywords drop it)
+                                 **_settings(tiny_model_dir, pairs_file, tmp_path / f"micro-{micro}", isolated_cache,
+                                             max_steps=3, per_device_train_batch_size=4, save_strategy="no"))
+        trl_args = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
+        assert (trl_args["per_device_train_batch_size"], trl_args["gradient_accumulation_steps"]) == (
+            (4, 1) if micro is None else (1, 4))
+        rows = [m for _, m in iter_rows(Path(result.run_dir) / "metrics.jsonl") if "loss" in m]
+        runs[micro] = [(m["loss"], m["grad_norm"], m["rewards/margins"], m["logps/chosen"]) for m in rows]
+    assert len(runs[1]) == 3
+    for whole, micro in zip(runs[None], runs[1]):
+        assert micro == pytest.approx(whole, rel=1e-4, abs=1e-5)
+
+
+def test_micro_batch_settings() -> None:
+    from align.train.config import TrainConfig, micro_batches, resolve_micro_batch
+
+    assert micro_batches(8, 1, 1) == (1, 8)
+    assert micro_batches(8, 2, 4) == (4, 4)
+    assert micro_batches(6, 1, 4) == (6, 1)  # does not divide: the batch stays whole
+    assert micro_batches(4, 1, 8) == (4, 1)
+    dpo = TrainConfig(data="p.jsonl", output_dir="o")
+    assert resolve_micro_batch(dpo, {}, on_gpu=False) == 1
+    assert resolve_micro_batch(dpo, {}, on_gpu=True) is None
+    assert resolve_micro_batch(dpo, {"loss_type": "aot"}, on_gpu=False) is None  # looks across the batch
+    assert resolve_micro_batch(TrainConfig(data="p", output_dir="o", method="kto"), {}, on_gpu=False) is None
+    with pytest.raises(ConfigError, match="not a mean of per-pair terms"):
+        resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=2), {"loss_type": ["sigmoid", "sft"]},
+                            on_gpu=False)
 
 
 def test_pack_pairs_layout() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -17,6 +18,8 @@ from pydantic import Field, model_validator
 from align.config import StrictConfig, as_number
 from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
 
 Method = Literal["dpo", "kto"]
 
@@ -55,6 +58,11 @@ class TrainConfig(StrictConfig):
     selective_recompute: bool | None = Field(
         False, description="keep only matmul/attention outputs of each decoder layer and recompute the rest in the "
         "backward pass (same math, less memory, slower steps); null: on for CPU, off on GPU")
+    micro_batch_size: int | Literal["auto"] | None = Field(
+        "auto", description="DPO: pairs per forward/backward pass; the optimizer still steps on "
+        "per_device_train_batch_size pairs (gradient accumulation, same math). auto: 1 on CPU, where one pair "
+        "already keeps the cores busy and a smaller batch means less activation memory and padding; the whole "
+        "batch on a GPU. null: the whole batch")
     trust_remote_code: bool = False
 
     @model_validator(mode="before")
@@ -92,6 +100,44 @@ def trl_config_class(method: str) -> type:
 
 def trl_fields(method: str) -> dict[str, Any]:
     return {f.name: f.type for f in dataclasses.fields(trl_config_class(method)) if f.init}
+
+
+# DPO losses that are a mean of per-pair terms: for these a batch split into micro-batches whose losses are
+# averaged (what gradient accumulation does) gives the batch's loss and gradient. The others look across the
+# batch (aot sorts it, bco_pair keeps a running mean, sft averages over tokens).
+PER_PAIR_DPO_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard",
+                                 "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
+
+
+def micro_batches(batch_size: int, accumulation: int, micro: int) -> tuple[int, int]:
+    """(per-device batch, accumulation steps) that run ``batch_size * accumulation`` examples per optimizer step
+    in passes of ``micro``; unchanged when ``micro`` does not divide the batch."""
+    if micro <= 0 or micro >= batch_size or batch_size % micro:
+        return batch_size, accumulation
+    return micro, accumulation * (batch_size // micro)
+
+
+def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bool) -> int | None:
+    """The micro-batch size to split each DPO batch into, or None to keep TRL's batches as they are."""
+    setting = config.micro_batch_size
+    if setting is None or config.method != "dpo":
+        return None
+    if setting == "auto":
+        if on_gpu:
+            return None
+        setting = 1
+    loss_types = args.get("loss_type", "sigmoid")
+    loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
+    if not set(loss_types) <= PER_PAIR_DPO_LOSSES:
+        if config.micro_batch_size != "auto":
+            raise ConfigError(f"micro_batch_size: loss_type {loss_types} is not a mean of per-pair terms, so "
+                              "micro-batches would change it; remove micro_batch_size")
+        return None
+    return int(setting)
+
+
+def _trl_default(method: str, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(trl_config_class(method)) if f.name == name)
 
 
 def _check_simple_type(key: str, value: Any, annotation: Any) -> None:
@@ -154,6 +200,16 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
                               num_params=num_params)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"
+    micro = resolve_micro_batch(config, args, on_gpu=on_gpu)
+    if micro is not None:
+        batch = args.get("per_device_train_batch_size", _trl_default(config.method, "per_device_train_batch_size"))
+        accumulation = args.get("gradient_accumulation_steps", 1)
+        args["per_device_train_batch_size"], args["gradient_accumulation_steps"] = micro_batches(
+            batch, accumulation, micro)
+        if args["per_device_train_batch_size"] != batch:
+            log.info("each batch of %d pairs runs as %d passes of %d (gradient accumulation: same math, less "
+                     "activation memory and padding; micro_batch_size: null turns it off)",
+                     batch, batch // micro, micro)
     if isinstance(args.get("report_to"), str):
         args["report_to"] = [args["report_to"]]
     try:
