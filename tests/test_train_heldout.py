@@ -1,4 +1,4 @@
-"""KTO's held-out reward accuracy: the pairwise rule alone, then on a real KTO run."""
+"""Held-out reward accuracy with ties counted half: the rules alone, then on real KTO and DPO runs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from align.train.heldout import pairwise_accuracy
+from align.train.heldout import margin_accuracy, pairwise_accuracy
 
 
 def _brute_force(rewards, desirable, tol):
@@ -24,6 +24,13 @@ def test_pairwise_accuracy_by_hand() -> None:
     assert pairwise_accuracy([1.0, 2.0], [True, True]) is None
     with pytest.raises(ValueError):
         pairwise_accuracy([1.0], [True, False])
+
+
+def test_margin_accuracy_by_hand() -> None:
+    assert margin_accuracy([0.0, 0.0, 0.0]) == 0.5  # before training: every pair ties
+    assert margin_accuracy([1e-6, -2e-6, 3e-7], tie_tolerance=1e-5) == 0.5  # float noise is a tie
+    assert margin_accuracy([0.2, -0.1, 0.0, 0.3]) == 0.625
+    assert margin_accuracy([]) is None
 
 
 @pytest.mark.parametrize("tol", [0.0, 0.15])
@@ -60,3 +67,25 @@ def test_kto_reports_heldout_reward_accuracy_that_rises_with_training(tiny_model
     assert run["eval_after"]["rewards/margins"] > 0
     assert "held-out rewards/accuracies: 0.500 -> " in out and "ties count half" in out
     assert "held-out rewards/margins: 0.000 -> " in out
+
+
+def test_dpo_heldout_accuracy_is_half_before_training_and_rises(tiny_model_dir, tmp_path, capsys) -> None:
+    """TRL's strict chosen > rejected count reads float noise before training; align's reads 0.5, then rises."""
+    import json
+
+    from align.data.io import write_records
+    from tests.clihelp import run_align
+
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: is it {['red', 'blue', 'green'][i % 3]}?"}],
+             "chosen": [{"role": "assistant", "content": "Yes, certainly."}],
+             "rejected": [{"role": "assistant", "content": "No way, never." * (1 + i % 3)}]} for i in range(40)]
+    write_records(tmp_path / "pairs.jsonl", rows)
+    code, out, err = run_align(capsys, "train", "dpo", "--model", tiny_model_dir, "--data", tmp_path / "pairs.jsonl",
+                               "-o", tmp_path / "run", f"ref_cache_dir={tmp_path / 'cache'}", "max_steps=6",
+                               "per_device_train_batch_size=4", "max_length=64", "eval_split=0.3",
+                               "learning_rate=1e-3", "save_strategy=no")
+    assert code == 0, err
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["eval_before"]["rewards/accuracies"] == 0.5  # policy = reference: every margin is 0
+    assert run["eval_after"]["rewards/accuracies"] > 0.9
+    assert "held-out rewards/accuracies: 0.500 -> " in out and "ties count half" in out

@@ -30,7 +30,7 @@ def _run(method: str, ctx: typer.Context, config: Path | None, model: str | None
         typer.echo("reference log-probs: {reused} of {rows} rows reused from the cache, {computed} computed"
                    .format(**result.ref_cache))
     # What an accuracy means before training, when every implicit reward is 0 and ties
-    accuracy_note = {"dpo": "share of pairs with chosen reward > rejected; ties count as misses, so 0 before training",
+    accuracy_note = {"dpo": "share of pairs with chosen reward > rejected; ties count half, so 0.5 before",
                      "kto": "share of (desirable, undesirable) rows in reward order; ties count half, so 0.5 before"}
     for key in ("rewards/accuracies", "rewards/margins", "kl"):
         if key in result.eval_after:

@@ -1,13 +1,17 @@
-"""KTO's held-out reward accuracy, which TRL's KTOTrainer does not log.
+"""Held-out reward accuracy that reads 0.5 before training, for DPO and KTO.
 
-KTO rows are unpaired (a completion and a desirable/undesirable label), so the
-accuracy is taken over all (desirable, undesirable) pairs of held-out rows: the
-share whose implicit rewards ``beta * (log pi(y|x) - log pi_ref(y|x))`` put the
-desirable row above the undesirable one, ties counting half. That is the ROC
-AUC of the reward as a desirable-vs-undesirable score. Before training the
-policy equals the reference, every reward is 0 and the accuracy is exactly 0.5.
-(TRL's DPO ``rewards/accuracies`` counts chosen > rejected strictly, so it is 0
-before training, when all rewards tie.)
+Before training the policy equals the reference and every implicit reward
+``beta * (log pi(y|x) - log pi_ref(y|x))`` is 0 up to float noise (the
+reference log-probs come from differently padded batches). TRL's DPO
+``rewards/accuracies`` counts chosen > rejected strictly, so its value before
+training is whatever that noise says (anything from 0 to 1), and TRL's KTO logs
+no accuracy at all. Here a difference within a small tolerance is a tie and
+counts half, so "before" is 0.5 and "after" is comparable to it:
+
+- DPO: the share of held-out pairs whose chosen reward is above the rejected one.
+- KTO: rows are unpaired (a completion and a desirable/undesirable label), so the
+  share of all (desirable, undesirable) pairs of held-out rows that the rewards put
+  in order: the ROC AUC of the reward as a desirable-vs-undesirable score.
 """
 
 from __future__ import annotations
@@ -38,6 +42,53 @@ def pairwise_accuracy(rewards: Sequence[float], desirable: Sequence[bool], tie_t
     return score / (len(good) * len(bad))
 
 
+def margin_accuracy(margins: Sequence[float], tie_tolerance: float = 0.0) -> float | None:
+    """Share of pairs with margin > tolerance, ties (|margin| <= tolerance) half; None for no pairs."""
+    if not margins:
+        return None
+    return sum(1.0 if m > tie_tolerance else 0.5 if m >= -tie_tolerance else 0.0 for m in margins) / len(margins)
+
+
+def _completion_logps(model: Any, batch: dict[str, Any]) -> Any:
+    """Summed completion log-probs per row, from the same fused-head forward TRL's losses use."""
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                fused_lm_head=True, use_cache=False)
+    # prompt-learning PEFT prepends virtual tokens: keep the real positions, as TRL does
+    return out.log_probs[:, -(batch["input_ids"].size(1) - 1):].sum(-1)
+
+
+def dpo_heldout_margins(trainer: Any) -> list[float]:
+    """Implicit reward margins (chosen - rejected) of every pair of a DPOTrainer's eval dataset.
+
+    Rows are ``[chosen; rejected]`` halves of each batch, as TRL collates them; the reference's log-probs
+    come from the precomputed columns or TRL's ``compute_ref_log_probs``. With ``ld_alpha`` (LD-DPO's
+    down-weighted tails) the log-probs are not plain sums, so there is no margin here: empty list.
+    """
+    import torch
+
+    if getattr(trainer, "ld_alpha", None) is not None:
+        return []
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    margins: list[float] = []
+    try:
+        for batch in trainer.get_eval_dataloader():
+            batch = trainer._prepare_inputs(batch)
+            with torch.no_grad():
+                chosen, rejected = _completion_logps(model, batch).chunk(2, dim=0)
+                if "ref_chosen_logps" in batch:
+                    ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+                else:
+                    ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model or model, batch)
+            margin = trainer.beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))
+            margins += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
+    finally:
+        model.train(was_training)
+    return margins
+
+
 def kto_heldout_rewards(trainer: Any) -> tuple[list[float], list[bool]]:
     """Implicit rewards and labels of every row of a KTOTrainer's eval dataset (all processes gathered).
 
@@ -54,12 +105,8 @@ def kto_heldout_rewards(trainer: Any) -> tuple[list[float], list[bool]]:
     try:
         for batch in trainer.get_eval_dataloader():
             batch = trainer._prepare_inputs(batch)
-            completion_labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
             with torch.no_grad():
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            labels=completion_labels, fused_lm_head=True, use_cache=False)
-                # prompt-learning PEFT prepends virtual tokens: keep the real positions, as TRL does
-                logps = out.log_probs[:, -(batch["input_ids"].size(1) - 1):].sum(-1)
+                logps = _completion_logps(model, batch)
                 if "ref_logps" in batch:
                     ref_logps = batch["ref_logps"]
                 else:

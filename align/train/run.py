@@ -17,7 +17,7 @@ from align.errors import AlignError, ConfigError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, split_holdout
-from align.train.heldout import kto_heldout_rewards, pairwise_accuracy
+from align.train.heldout import dpo_heldout_margins, kto_heldout_rewards, margin_accuracy, pairwise_accuracy
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing, supports_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
@@ -259,7 +259,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 
 
 def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
-    # Measured on CPU only (less memory for ~4% more compute); on a GPU it is off unless asked for.
+    # null leaves the choice to align: on for CPU (where it was measured), off on a GPU.
     return config.selective_recompute if config.selective_recompute is not None else not on_gpu
 
 
@@ -272,12 +272,15 @@ def _evaluate(trainer: Any, when: str) -> dict[str, float]:
     skip = ("runtime", "per_second", "preparation_time", "num_tokens")
     keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
+    # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise (align.train.heldout);
+    # a log-prob gap under 1e-4 nats is float noise (policy and reference see differently padded batches).
+    tolerance = trainer.beta * 1e-4
     if getattr(trainer, "align_method", None) == "kto":
-        # TRL's KTO logs no accuracy: share of (desirable, undesirable) held-out rows ordered by reward, ties half
-        # a log-prob gap under 1e-4 nats is float noise (policy and reference see differently padded batches)
-        accuracy = pairwise_accuracy(*kto_heldout_rewards(trainer), tie_tolerance=trainer.beta * 1e-4)
-        if accuracy is not None:
-            keep["rewards/accuracies"] = accuracy
+        accuracy = pairwise_accuracy(*kto_heldout_rewards(trainer), tie_tolerance=tolerance)
+    else:
+        accuracy = margin_accuracy(dpo_heldout_margins(trainer), tie_tolerance=tolerance)
+    if accuracy is not None:
+        keep["rewards/accuracies"] = accuracy
     log.info("held-out %s training: %s", when, ", ".join(f"{k}={v:.4f}" for k, v in sorted(keep.items())))
     return keep
 
