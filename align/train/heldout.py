@@ -58,6 +58,47 @@ def _completion_logps(model: Any, batch: dict[str, Any]) -> Any:
     return out.log_probs[:, -(batch["input_ids"].size(1) - 1):].sum(-1)
 
 
+class HeldoutMarginsMixin:
+    """Mixed into TRL's DPOTrainer: keeps each evaluated pair's reward margin from TRL's own eval forward.
+
+    With precomputed reference log-probs (align's default) an evaluation step is one policy forward; a
+    forward hook reads its per-token log-probs, so the accuracy costs no second pass over the held-out
+    pairs. ``align_eval_margins`` is None when a step could not be read this way (the reference computed
+    on the fly, or LD-DPO's weighted log-probs); :func:`heldout_margins` then makes its own pass.
+    """
+
+    align_eval_margins: list[float] | None = None
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        trainer: Any = self
+        readable = ("ref_chosen_logps" in inputs and getattr(trainer, "ld_alpha", None) is None
+                    and self.align_eval_margins is not None)
+        if trainer.model.training or not readable:
+            if not trainer.model.training:
+                self.align_eval_margins = None
+            return super()._compute_loss(model, inputs, return_outputs)  # type: ignore[misc]
+        captured: list[Any] = []
+        handle = model.register_forward_hook(lambda _module, _args, out: captured.append(out.log_probs.detach()))
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)  # type: ignore[misc]
+        finally:
+            handle.remove()
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen, rejected = captured[0][:, -seq_len:].sum(-1).chunk(2, dim=0)
+        margin = trainer.beta * ((chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"]))
+        self.align_eval_margins += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
+        return result
+
+
+def evaluate_with_margins(trainer: Any) -> tuple[dict[str, float], list[float]]:
+    """TRL's ``evaluate()`` metrics, and the held-out DPO margins read from the same forwards."""
+    trainer.align_eval_margins = []
+    metrics = trainer.evaluate()
+    margins = trainer.align_eval_margins
+    trainer.align_eval_margins = None
+    return metrics, margins if margins is not None else dpo_heldout_margins(trainer)
+
+
 def dpo_heldout_margins(trainer: Any) -> list[float]:
     """Implicit reward margins (chosen - rejected) of every pair of a DPOTrainer's eval dataset.
 
