@@ -64,7 +64,7 @@ class HeldoutMarginsMixin:
     With precomputed reference log-probs (align's default) an evaluation step is one policy forward; a
     forward hook reads its per-token log-probs, so the accuracy costs no second pass over the held-out
     pairs. ``align_eval_margins`` is None when a step could not be read this way (the reference computed
-    on the fly, or LD-DPO's weighted log-probs); :func:`heldout_margins` then makes its own pass.
+    on the fly, or LD-DPO's weighted log-probs); :func:`dpo_heldout_margins` then makes its own pass.
     """
 
     align_eval_margins: list[float] | None = None
