@@ -82,8 +82,9 @@ def enable_selective_recompute(model: Any) -> int:
         def selective(*args: Any, _forward: Any = forward, _layer: Any = layer, **kwargs: Any) -> Any:
             if _layer.gradient_checkpointing or not (_layer.training and torch.is_grad_enabled()):
                 return _forward(*args, **kwargs)
-            # A KV cache written in the forward would be written again by the recompute (as HF's checkpointing)
-            for name in ("past_key_values", "past_key_value", "layer_past"):
+            # A KV cache written in the forward would be written again by the recompute (as HF's checkpointing);
+            # transformers 5 passes it as `cache`, older versions as `past_key_values`
+            for name in ("cache", "past_key_values", "past_key_value", "layer_past"):
                 if kwargs.get(name) is not None:
                     kwargs[name] = None
             if kwargs.get("use_cache"):
