@@ -315,3 +315,16 @@ def test_pack_pairs_layout() -> None:
     assert unpack(values, packed).tolist() == [[0, 1, 2], [6, 0, 0], [0, 4, 0], [8, 9, 0]]
     # rows that are not prompt-sharing pairs are left alone
     assert pack_pairs(ids[[0, 1, 3, 2]], mask[[0, 1, 3, 2]], labels[[0, 1, 3, 2]], torch.float32) is None
+
+
+def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path: Path) -> None:
+    from align.train.run import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, complete in ((5, True), (9, True), (10, False)):  # 10: killed before trainer_state.json was written
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_text("")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-9")

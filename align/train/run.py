@@ -236,7 +236,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         else:
             eval_before = _evaluate(trainer, "before")
             write_json(before_file, eval_before)
-    checkpoint = True if resume and _has_checkpoint(run_dir) else None
+    checkpoint = last_complete_checkpoint(run_dir) if resume else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_after = _evaluate(trainer, "after") if heldout_rows else {}
 
@@ -266,8 +266,21 @@ def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
     return config.selective_recompute if config.selective_recompute is not None else not on_gpu
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("checkpoint-*"))
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint that finished saving, or None.
+
+    A kill during a save leaves a checkpoint folder without ``trainer_state.json`` (the Trainer writes it
+    last); resuming from that one would fail, so it is skipped and the step is simply trained again.
+    """
+    def step(path: Path) -> int:
+        return int(path.name.rsplit("-", 1)[-1]) if path.name.rsplit("-", 1)[-1].isdigit() else -1
+
+    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=step, reverse=True)
+    for checkpoint in found:
+        if (checkpoint / "trainer_state.json").exists():
+            return str(checkpoint)
+        log.warning("%s was not finished saving (killed during the save?); resuming from an earlier one", checkpoint)
+    return None
 
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:

@@ -21,6 +21,7 @@ from align.errors import AlignError, ConfigError, DataError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.distill.config import DistillConfig, build_gkd_args
 from align.train.distill.data import DistillData, check_stored_tokens, encode_examples, load_distill_data
+from align.train.run import last_complete_checkpoint
 from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
         eval_before = json.loads(before_file.read_text()) if before_file.exists() else \
             _evaluate(trainer, teacher, tokenizer, answers, config, "before")
         write_json(before_file, eval_before)
-    checkpoint = True if resume and any((run_dir / "checkpoints").glob("checkpoint-*")) else None
+    checkpoint = last_complete_checkpoint(run_dir) if resume else None
     output = trainer.train(resume_from_checkpoint=checkpoint)
     eval_after = _evaluate(trainer, teacher, tokenizer, answers, config, "after") if answers else {}
     if eval_after:
