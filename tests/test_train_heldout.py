@@ -45,23 +45,32 @@ def test_pairwise_accuracy_equals_counting_every_pair(tol: float) -> None:
         assert pairwise_accuracy(rewards, desirable, tol) == pytest.approx(_brute_force(rewards, desirable, tol))
 
 
-def test_kto_reports_heldout_reward_accuracy_that_rises_with_training(tiny_model_dir, tmp_path, capsys) -> None:
-    """Desirable rows share one answer, undesirable another: a few LoRA steps must order held-out rows better."""
+def _question(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"Question {i}: is it {['red', 'blue', 'green'][i % 3]}?"}]
+
+
+def _train_held_out(method: str, rows: list[dict], tiny_model_dir, tmp_path, capsys) -> tuple[dict, str]:
+    """A few brisk LoRA steps with 30% of the prompts held out, through the CLI: (run.json, stdout)."""
     import json
 
     from align.data.io import write_records
     from tests.clihelp import run_align
 
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: is it {['red', 'blue', 'green'][i % 3]}?"}],
-             "completion": [{"role": "assistant", "content": "Yes, certainly." if i % 2 else "No way, never." * (1 + i % 3)}],
-             "label": bool(i % 2)} for i in range(40)]
-    write_records(tmp_path / "kto.jsonl", rows)
-    code, out, err = run_align(capsys, "train", "kto", "--model", tiny_model_dir, "--data", tmp_path / "kto.jsonl",
+    write_records(tmp_path / "data.jsonl", rows)
+    code, out, err = run_align(capsys, "train", method, "--model", tiny_model_dir, "--data", tmp_path / "data.jsonl",
                                "-o", tmp_path / "run", f"ref_cache_dir={tmp_path / 'cache'}", "max_steps=6",
                                "per_device_train_batch_size=4", "max_length=64", "eval_split=0.3",
                                "learning_rate=1e-3", "save_strategy=no")
     assert code == 0, err
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    return json.loads((tmp_path / "run" / "run.json").read_text()), out
+
+
+def test_kto_reports_heldout_reward_accuracy_that_rises_with_training(tiny_model_dir, tmp_path, capsys) -> None:
+    """Desirable rows share one answer, undesirable another: a few LoRA steps must order held-out rows better."""
+    rows = [{"prompt": _question(i),
+             "completion": [{"role": "assistant", "content": "Yes, certainly." if i % 2 else "No way, never." * (1 + i % 3)}],
+             "label": bool(i % 2)} for i in range(40)]
+    run, out = _train_held_out("kto", rows, tiny_model_dir, tmp_path, capsys)
     assert run["eval_before"]["rewards/accuracies"] == 0.5  # policy = reference: every reward is 0, all tie
     assert run["eval_after"]["rewards/accuracies"] > 0.9
     assert run["eval_after"]["rewards/margins"] > 0
@@ -71,21 +80,9 @@ def test_kto_reports_heldout_reward_accuracy_that_rises_with_training(tiny_model
 
 def test_dpo_heldout_accuracy_is_half_before_training_and_rises(tiny_model_dir, tmp_path, capsys) -> None:
     """TRL's strict chosen > rejected count reads float noise before training; align's reads 0.5, then rises."""
-    import json
-
-    from align.data.io import write_records
-    from tests.clihelp import run_align
-
-    rows = [{"prompt": [{"role": "user", "content": f"Question {i}: is it {['red', 'blue', 'green'][i % 3]}?"}],
-             "chosen": [{"role": "assistant", "content": "Yes, certainly."}],
+    rows = [{"prompt": _question(i), "chosen": [{"role": "assistant", "content": "Yes, certainly."}],
              "rejected": [{"role": "assistant", "content": "No way, never." * (1 + i % 3)}]} for i in range(40)]
-    write_records(tmp_path / "pairs.jsonl", rows)
-    code, out, err = run_align(capsys, "train", "dpo", "--model", tiny_model_dir, "--data", tmp_path / "pairs.jsonl",
-                               "-o", tmp_path / "run", f"ref_cache_dir={tmp_path / 'cache'}", "max_steps=6",
-                               "per_device_train_batch_size=4", "max_length=64", "eval_split=0.3",
-                               "learning_rate=1e-3", "save_strategy=no")
-    assert code == 0, err
-    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    run, out = _train_held_out("dpo", rows, tiny_model_dir, tmp_path, capsys)
     assert run["eval_before"]["rewards/accuracies"] == 0.5  # policy = reference: every margin is 0
     assert run["eval_after"]["rewards/accuracies"] > 0.9
     assert "held-out rewards/accuracies: 0.500 -> " in out and "ties count half" in out

@@ -71,11 +71,10 @@ class HeldoutMarginsMixin:
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         trainer: Any = self
-        readable = ("ref_chosen_logps" in inputs and getattr(trainer, "ld_alpha", None) is None
-                    and self.align_eval_margins is not None)
-        if trainer.model.training or not readable:
-            if not trainer.model.training:
-                self.align_eval_margins = None
+        collecting = self.align_eval_margins is not None and not trainer.model.training
+        if collecting and ("ref_chosen_logps" not in inputs or getattr(trainer, "ld_alpha", None) is not None):
+            self.align_eval_margins, collecting = None, False  # not readable here: a pass of its own follows
+        if not collecting:
             return super()._compute_loss(model, inputs, return_outputs)  # type: ignore[misc]
         captured: list[Any] = []
         handle = model.register_forward_hook(lambda _module, _args, out: captured.append(out.log_probs.detach()))
