@@ -296,6 +296,22 @@ def test_micro_batch_settings() -> None:
                             on_gpu=False)
 
 
+def test_short_runs_sample_their_rows_and_kto_samples_keep_the_class_shares() -> None:
+    import random
+
+    from align.train.data import sample_for_run
+
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 4 == 0} for i in range(200)]  # 50 / 150
+    kto = sample_for_run(rows, 48, seed=3, stratify_by="label")
+    assert len(kto) == 48 and len({r["prompt"] for r in kto}) == 48
+    assert sum(r["label"] for r in kto) == 12  # a quarter, like the file
+    assert kto == sample_for_run(rows, 48, seed=3, stratify_by="label")  # seeded: a resumed run gets the same rows
+    assert {r["label"] for r in kto[:8]} == {True, False}  # shuffled, not one class after the other
+    # DPO's sample is the one earlier versions drew, so their reference caches stay valid.
+    assert sample_for_run(rows, 48, seed=3) == random.Random(3).sample(rows, 48)
+    assert sample_for_run(rows, 500, seed=3) is rows
+
+
 def test_pack_pairs_layout() -> None:
     import torch
 

@@ -113,3 +113,27 @@ def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tup
         key = hashlib.sha256(repr(row["prompt"]).encode()).hexdigest()
         (heldout if key in held else train).append(row)
     return train, heldout
+
+
+def sample_for_run(rows: list[dict[str, Any]], n: int, seed: int, *, stratify_by: str | None = None) -> list:
+    """A seeded sample of ``n`` rows, for runs shorter than an epoch (the reference is computed for these alone).
+
+    With ``stratify_by`` (KTO's ``label``) each class keeps its share of the file, so the class weights set
+    from the whole file still satisfy the KTO paper's Eq. 8 on the rows trained on.
+    """
+    import random
+
+    if n >= len(rows):
+        return rows
+    rng = random.Random(seed)
+    if stratify_by is None:
+        return rng.sample(rows, n)
+    classes: dict[Any, list[dict[str, Any]]] = {}
+    for row in rows:
+        classes.setdefault(row[stratify_by], []).append(row)
+    keys = sorted(classes, key=repr)
+    shares = {k: round(n * len(classes[k]) / len(rows)) for k in keys}
+    shares[keys[-1]] = n - sum(shares[k] for k in keys[:-1])  # rounding leftovers go to the last class
+    picked = [row for k in keys for row in rng.sample(classes[k], min(shares[k], len(classes[k])))]
+    rng.shuffle(picked)  # mixed classes in every batch (KTO pairs each row with another of its batch for KL)
+    return picked

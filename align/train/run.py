@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,7 +15,7 @@ from align.data.io import write_json, write_text
 from align.errors import AlignError, ConfigError
 from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
-from align.train.data import load_training_data, split_holdout
+from align.train.data import load_training_data, sample_for_run, split_holdout
 from align.train.heldout import (HeldoutMarginsMixin, evaluate_with_margins, kto_heldout_rewards, margin_accuracy,
                                  pairwise_accuracy)
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
@@ -191,10 +190,13 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         train_rows = [row for i, row in enumerate(train_rows) if i not in dropped]
     needed = rows_needed(args.max_steps, args.per_device_train_batch_size, args.gradient_accumulation_steps,
                          args.world_size)
-    if needed is not None and needed < len(train_rows) and config.method == "dpo":
+    if needed is not None and needed < len(train_rows):
         # A run shorter than an epoch only ever sees `needed` examples; choosing them up front (seeded) means
         # the reference is computed for those alone instead of for the whole file.
-        train_rows = random.Random(args.seed).sample(train_rows, needed)
+        train_rows = sample_for_run(train_rows, needed, args.seed,
+                                    stratify_by="label" if config.method == "kto" else None)
+        log.info("%d steps use %d training rows; reference log-probs are computed for those only",
+                 args.max_steps, needed)
 
     reference_text = _describe_reference(config, student.kind)
     log.info("reference: %s", reference_text)
