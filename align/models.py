@@ -209,6 +209,21 @@ def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust
     return model if "quantization_config" in from_pretrained else model.to(device)
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name a model's forward takes its KV cache under: transformers 5.2x renamed ``past_key_values``
+    to ``cache`` (the old name is dropped in 5.40)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def accepts_block_masks(model: Any) -> bool:
+    """Whether the model's attention takes arbitrary 4D masks (sdpa, eager), not flash-attention's varlen path."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
 # ----------------------------------------------------------------------------- tiny models for tests
 
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from align.generate.config import SamplingParams
+from align.models import cache_kwarg
 
 REFILL_FRACTION = 0.25
 NUCLEUS_WINDOW = 256
@@ -263,8 +264,8 @@ def decode_stream(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[R
             tokens = tokens[keep]
         batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], 1)
         batch.logits = model(input_ids=tokens[:, None], attention_mask=batch.attention_mask,
-                             position_ids=batch.next_position[:, None], past_key_values=batch.cache,
-                             use_cache=True).logits[:, -1, :].float()
+                             position_ids=batch.next_position[:, None], use_cache=True,
+                             **{cache_kwarg(model): batch.cache}).logits[:, -1, :].float()
         batch.next_position = batch.next_position + 1
 
 
@@ -284,7 +285,7 @@ def _prefill(model: Any, prompts: Sequence[Sequence[int]], admitted: list[int], 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+                   use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :].float()
 
     row_ids = [i for p in admitted for i in by_prompt[p]]
     fan_out = torch.tensor([k for k, p in enumerate(admitted) for _ in by_prompt[p]], device=device)
