@@ -118,6 +118,49 @@ def test_batching_and_padding_do_not_change_a_verdict(tiny_backend: LocalBackend
     assert batched.score == pytest.approx(alone.score, abs=1e-5)
 
 
+def test_shared_prefixes_give_the_numbers_of_separate_passes(tiny_backend: LocalBackend) -> None:
+    """Both orders of a pair share rubric and request: one row, computed once up to where they differ."""
+    import torch
+
+    from align.label.judge import pairwise_messages, pointwise_messages
+    from align.label.shared_prefix import common_prefix_length, share_groups
+
+    long_text = "A much longer answer that rambles on. " * 12
+    questions = [(PROMPT, X, Y), (PROMPT, long_text, X), ("Hi", "Hello.", long_text)]
+    pairwise = [tiny_backend._encode(pairwise_messages(p, a, b)) for p, x, y in questions for a, b in ((x, y), (y, x))]
+    rating = [tiny_backend._encode(pointwise_messages(p, x, "10")) + [16] for p, x, _ in questions]
+    ids = [32, 33, 34, 16]
+    for sequences, keep in ((pairwise, 1), (rating, 2)):
+        offset = common_prefix_length(sequences)
+        assert offset > 20  # the rubric is computed once for all questions
+        shared = tiny_backend._shared_prefix_logprobs(sequences, ids, keep)
+        separate = tiny_backend._separate_logprobs(sequences, ids, keep)
+        for a, b in zip(shared, separate):
+            assert a.shape == (keep, len(ids))
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    # The two orders of one pair share their request, and so do the pairs asked about the same prompt.
+    offset = common_prefix_length(pairwise)
+    assert share_groups(pairwise, offset, max_size=8) == [[0, 1, 2, 3], [4, 5]]
+    assert share_groups(pairwise, offset, max_size=2) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_packed_rows_layout() -> None:
+    import torch
+
+    from align.label.shared_prefix import pack_groups
+
+    # after a 2-token cached prefix: trunk [5, 6], branches [7, 8] and [9]; a lone question [5, 1, 2]
+    packed = pack_groups([[[0, 0, 5, 6, 7, 8], [0, 0, 5, 6, 9]], [[0, 0, 5, 1, 2]]], offset=2, keep=1, pad_id=0,
+                         dtype=torch.float32)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 1, 2, 0, 0]]
+    assert packed.position_ids[0].tolist() == [2, 3, 4, 5, 4]  # the second branch restarts after the trunk
+    assert packed.reads == [(0, [3]), (0, [4]), (1, [2])]
+    visible = packed.attention_mask[0, 0] == 0
+    assert visible.shape == (5, 7)
+    assert visible[4].tolist() == [True, True, True, True, False, False, True]  # prefix, trunk, itself; not [7, 8]
+    assert visible[3].tolist() == [True, True, True, True, True, True, False]
+
+
 @pytest.mark.parametrize("scale", ["10", "good-bad"])
 def test_pointwise_scores_come_from_answer_probabilities(tiny_backend: LocalBackend, scale: str) -> None:
     verdict = Judge(tiny_backend, JudgeSettings(mode="pointwise", scale=scale)).rate([(PROMPT, X)])[0]

@@ -12,7 +12,9 @@ https://arxiv.org/abs/2306.05685, section 3.3)::
 
 ``p`` is the probability that x is better; swapping x and y gives exactly
 ``1 - p``. The confidence is ``|2p - 1|``; when the two orders name different
-winners the verdict is flagged ``position_inconsistent``.
+winners the verdict is flagged ``position_inconsistent``. The two orders (and
+all questions' common rubric) are computed once up to where they differ
+(align.label.shared_prefix).
 
 Pointwise, the judge rates one response ``good``/``bad`` (score = P(good)) or
 from 1 to 10 (score = the expected rating). "10" is two tokens ("1", "0"),
@@ -44,7 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from align.errors import AlignError, ConfigError
+from align.label.shared_prefix import common_prefix_length, pack_groups, share_groups
 from align.label.text_checks import words
+from align.models import accepts_block_masks, cache_kwarg
 
 Mode = Literal["pairwise", "pointwise"]
 Scale = Literal["10", "good-bad"]
@@ -192,7 +196,8 @@ class Backend(Protocol):
 class LocalBackend:
     """A causal LM on this machine; every answer is one batched forward pass, no generation."""
 
-    def __init__(self, model: str, *, batch_size: int = 8, max_response_tokens: int = 512, device: str | None = None):
+    def __init__(self, model: str, *, batch_size: int = 8, max_response_tokens: int = 512, device: str | None = None,
+                 share_prefixes: bool = True):
         from align.models import load_model, load_tokenizer
 
         self.model_name = model
@@ -201,6 +206,7 @@ class LocalBackend:
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
         self.max_response_tokens = max_response_tokens
+        self.share_prefixes = share_prefixes and accepts_block_masks(self.model)
 
     def truncate(self, text: str) -> tuple[str, bool]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -228,7 +234,19 @@ class LocalBackend:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _answer_logprobs(self, sequences: list[list[int]], token_ids: list[int], keep: int) -> list[Any]:
-        """log P(token | prefix) for ``token_ids`` at the last ``keep`` positions: one [keep, len(ids)] per sequence."""
+        """log P(token | prefix) for ``token_ids`` at the last ``keep`` positions: one [keep, len(ids)] per sequence.
+
+        Beginnings that questions share are computed once (align.label.shared_prefix) when the model's
+        attention takes block masks; otherwise every question is its own left-padded row.
+        """
+        if self.share_prefixes and sequences:
+            return self._shared_prefix_logprobs(sequences, token_ids, keep)
+        return self._separate_logprobs(sequences, token_ids, keep)
+
+    def _read(self, logits: Any, token_ids: Any) -> Any:
+        return logits.float().log_softmax(-1).index_select(-1, token_ids).cpu()
+
+    def _separate_logprobs(self, sequences: list[list[int]], token_ids: list[int], keep: int) -> list[Any]:
         import torch
 
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -247,9 +265,55 @@ class LocalBackend:
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                     logits_to_keep=keep).logits[:, -keep:, :]
-                logprobs = logits.float().log_softmax(-1).index_select(-1, index).cpu()
+            logprobs = self._read(logits, index)
             for row, i in enumerate(chunk):
                 out[i] = logprobs[row]
+        return out
+
+    def _shared_prefix_logprobs(self, sequences: list[list[int]], token_ids: list[int], keep: int) -> list[Any]:
+        import copy
+
+        import torch
+
+        dtype = next(self.model.parameters()).dtype
+        index = torch.tensor(token_ids, device=self.device)
+        offset = max(0, min(common_prefix_length(sequences), min(len(s) for s in sequences) - keep))
+        groups = share_groups(sequences, offset, self.batch_size)
+        prefix_cache = None
+        if offset:
+            from transformers import DynamicCache
+
+            prefix_cache = DynamicCache(config=self.model.config)
+            with torch.inference_mode():
+                self.model(input_ids=torch.tensor([sequences[0][:offset]], device=self.device), use_cache=True,
+                           **{cache_kwarg(self.model): prefix_cache})
+        out: list[Any] = [None] * len(sequences)
+        # Longest rows first, and about batch_size questions per forward pass.
+        groups.sort(key=lambda g: -sum(len(sequences[i]) for i in g))
+        batch: list[list[int]] = []
+        for g, group in enumerate(groups):
+            batch.append(group)
+            if g + 1 < len(groups) and sum(map(len, batch)) + len(groups[g + 1]) <= self.batch_size:
+                continue
+            packed = pack_groups([[sequences[i] for i in grp] for grp in batch], offset, keep,
+                                 self.tokenizer.pad_token_id, dtype)
+            cache = None
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(batch))
+            columns = sorted({c for _, cols in packed.reads for c in cols})
+            at = {c: k for k, c in enumerate(columns)}
+            with torch.inference_mode():
+                logits = self.model(input_ids=packed.input_ids.to(self.device),
+                                    attention_mask=packed.attention_mask.to(self.device),
+                                    position_ids=packed.position_ids.to(self.device), use_cache=cache is not None,
+                                    logits_to_keep=torch.tensor(columns, device=self.device),
+                                    **{cache_kwarg(self.model): cache}).logits
+            logprobs = self._read(logits, index)
+            questions = [i for grp in batch for i in grp]
+            for i, (row, cols) in zip(questions, packed.reads):
+                out[i] = logprobs[row, [at[c] for c in cols]]
+            batch = []
         return out
 
     def choose(self, conversations: Sequence[list[dict[str, str]]], answers: Sequence[str]) -> list[Answer]:

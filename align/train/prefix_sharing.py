@@ -138,9 +138,3 @@ def enable_prefix_sharing(model: Any) -> None:
 
     model.forward = forward
     model.align_prefix_sharing = True
-
-
-def supports_prefix_sharing(model: Any) -> bool:
-    """Needs an attention that takes arbitrary 4D masks (sdpa, eager), not flash-attention's varlen path."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) in ("sdpa", "eager")

@@ -13,13 +13,13 @@ from typing import Any
 from align.config import dump_config
 from align.data.io import write_json, write_text
 from align.errors import AlignError, ConfigError
-from align.models import load_model, load_tokenizer, resolve_model
+from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, sample_for_run, split_holdout
 from align.train.heldout import (HeldoutMarginsMixin, evaluate_with_margins, kto_heldout_rewards, margin_accuracy,
                                  pairwise_accuracy)
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
-from align.train.prefix_sharing import enable_prefix_sharing, supports_prefix_sharing
+from align.train.prefix_sharing import enable_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.recompute import enable_selective_recompute
 from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
@@ -108,7 +108,7 @@ class PrefixSharingMixin:
         trainer: Any = self
         policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
         for model in (policy, trainer.ref_model):
-            if model is not None and supports_prefix_sharing(model):
+            if model is not None and accepts_block_masks(model):
                 enable_prefix_sharing(model)
             elif model is not None:
                 log.info("prefix sharing off: %s attention does not take block masks",

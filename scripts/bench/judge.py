@@ -14,7 +14,8 @@ as B in odd ones, so a judge that always says "A" scores 50% against it.
     (greedy, batched, up to ``--max-new-tokens``); the verdict is parsed from
     the text, and a missing one counts as unparsed.
 (b) align: ``align.label.judge`` reads P(A) from the next-token distribution,
-    one forward pass per order, both orders, batched, and combines them.
+    both orders, batched, and combines them; the two orders share the forward
+    pass over their common beginning (align.label.shared_prefix).
 
 Printed: a table (pairs/s, the ratio b/a), how often the two agree (on pairs
 both decided), and each judge's agreement with the dataset's preference.
@@ -140,9 +141,23 @@ def main() -> None:
     prob_seconds = time.perf_counter() - start
     prob_labels: list[str | None] = [v.label if v.label in ("a", "b") else None for v in verdicts]
 
+    # The same judge with every question its own sequence: what sharing the common beginnings saves.
+    backend.share_prefixes = False
+    start = time.perf_counter()
+    separate = judge.compare([(p["prompt"], p["a"], p["b"]) for p in pairs])
+    separate_seconds = time.perf_counter() - start
+    backend.share_prefixes = True
+    largest_gap = max(abs(a.score - b.score) for a, b in zip(verdicts, separate))
+
     start = time.perf_counter()
     gen_labels, gen_texts, generated = generative_judge(model, tokenizer, pairs, args.batch_size, args.max_new_tokens)
     gen_seconds = time.perf_counter() - start
+
+    # How much of (a) is reading the question (the one forward pass it shares with any judge) and how much
+    # is writing: the same batches, generating a single token.
+    start = time.perf_counter()
+    generative_judge(model, tokenizer, pairs, args.batch_size, 1)
+    read_seconds = time.perf_counter() - start
 
     reference: list[str | None] = [p["reference"] for p in pairs]
     agree, agree_n = agreement(gen_labels, prob_labels)
@@ -156,12 +171,16 @@ def main() -> None:
         "generative": {"seconds": round(gen_seconds, 2), "pairs_per_s": round(gen_rate, 3),
                        "questions": len(pairs), "max_new_tokens": args.max_new_tokens,
                        "generated_tokens": generated, "unparsed": sum(v is None for v in gen_labels),
+                       "reading_seconds": round(read_seconds, 2),
                        "agreement_with_dataset": agreement(gen_labels, reference)[0]},
         "probability_both_orders": {"seconds": round(prob_seconds, 2), "pairs_per_s": round(prob_rate, 3),
-                                    "forward_passes": 2 * len(pairs), "ties": sum(v is None for v in prob_labels),
+                                    "questions": 2 * len(pairs), "ties": sum(v is None for v in prob_labels),
                                     "position_inconsistent": sum(bool(v.details.get("position_inconsistent"))
                                                                  for v in verdicts),
                                     "agreement_with_dataset": agreement(prob_labels, reference)[0]},
+        "separate_questions": {"seconds": round(separate_seconds, 2),
+                               "pairs_per_s": round(len(pairs) / separate_seconds, 3),
+                               "largest_score_gap_to_shared": largest_gap},
         "speedup": round(prob_rate / gen_rate, 2),
         "agreement_between_judges": agree, "agreement_pairs": agree_n,
         "kappa_between_judges": None if kappa is None or kappa != kappa else round(kappa, 3),
@@ -176,9 +195,14 @@ def main() -> None:
         f"{g['unparsed']:>14} {_pct(g['agreement_with_dataset']):>11}",
         f"{'(b) align: answer probs, both orders':<40} {p['seconds']:>8.1f} {p['pairs_per_s']:>8.3f} "
         f"{p['ties']:>14} {_pct(p['agreement_with_dataset']):>11}",
+        f"{'(b) without shared beginnings':<40} {separate_seconds:>8.1f} {len(pairs) / separate_seconds:>8.3f} "
+        f"{'':>14} {'':>11}",
         f"speed-up (b)/(a): {results['speedup']:.1f}x   "
         f"(a) generated {generated} tokens ({generated / len(pairs):.0f}/pair, max {args.max_new_tokens}); "
-        f"(b) {2 * len(pairs)} forward passes, {p['position_inconsistent']} position-inconsistent",
+        f"(b) {2 * len(pairs)} questions (both orders), {p['position_inconsistent']} position-inconsistent",
+        f"sharing beginnings: {separate_seconds / prob_seconds:.2f}x faster, verdict scores within {largest_gap:.1e}",
+        f"(a) spends {read_seconds:.1f} s reading its questions (one forward pass each, one order) and "
+        f"{gen_seconds - read_seconds:.1f} s writing",
         f"agreement between (a) and (b): {_pct(agree)} of {agree_n} pairs both decided"
         f" (Cohen's kappa {results['kappa_between_judges']})",
     ]
