@@ -291,9 +291,16 @@ def test_micro_batch_settings() -> None:
     assert resolve_micro_batch(dpo, {}, on_gpu=True) is None
     assert resolve_micro_batch(dpo, {"loss_type": "aot"}, on_gpu=False) is None  # looks across the batch
     assert resolve_micro_batch(TrainConfig(data="p", output_dir="o", method="kto"), {}, on_gpu=False) is None
-    with pytest.raises(ConfigError, match="not a mean of per-pair terms"):
+    with pytest.raises(ConfigError, match=r"\(sft\) is not a mean of per-pair terms"):
         resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=2), {"loss_type": ["sigmoid", "sft"]},
                             on_gpu=False)
+    # A term added by a trainer mixin (DPO + KD) counts like a loss type.
+    assert resolve_micro_batch(dpo, {}, on_gpu=False, extra_loss="KD") is None
+    with pytest.raises(ConfigError, match="KD"):
+        resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=1), {}, on_gpu=False,
+                            extra_loss="KD")
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        align.train.load_train_config("dpo", {"data": "p", "output_dir": "o"}, overrides=["micro_batch_size=0"])
 
 
 def test_short_runs_sample_their_rows_and_kto_samples_keep_the_class_shares() -> None:

@@ -13,7 +13,7 @@ import difflib
 import logging
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from align.config import StrictConfig, as_number
 from align.errors import ConfigError
@@ -58,7 +58,7 @@ class TrainConfig(StrictConfig):
     selective_recompute: bool | None = Field(
         False, description="keep only matmul/attention outputs of each decoder layer and recompute the rest in the "
         "backward pass (same math, less memory, slower steps); null: on for CPU, off on GPU")
-    micro_batch_size: int | Literal["auto"] | None = Field(
+    micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
         "auto", description="DPO: pairs per forward/backward pass; the optimizer still steps on "
         "per_device_train_batch_size pairs (gradient accumulation, same math). auto: 1 on CPU, where one pair "
         "already keeps the cores busy and a smaller batch means less activation memory and padding; the whole "
@@ -117,8 +117,13 @@ def micro_batches(batch_size: int, accumulation: int, micro: int) -> tuple[int, 
     return micro, accumulation * (batch_size // micro)
 
 
-def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bool) -> int | None:
-    """The micro-batch size to split each DPO batch into, or None to keep TRL's batches as they are."""
+def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bool,
+                        extra_loss: str | None = None) -> int | None:
+    """The micro-batch size to split each DPO batch into, or None to keep TRL's batches as they are.
+
+    ``extra_loss`` names a term added to TRL's loss that is not a mean of per-pair terms (e.g. a KD term
+    averaged over the batch's tokens): micro-batches would change it too.
+    """
     setting = config.micro_batch_size
     if setting is None or config.method != "dpo":
         return None
@@ -128,10 +133,11 @@ def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bo
         setting = 1
     loss_types = args.get("loss_type", "sigmoid")
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
-    if not set(loss_types) <= PER_PAIR_DPO_LOSSES:
+    not_per_pair = [t for t in loss_types if t not in PER_PAIR_DPO_LOSSES] + ([extra_loss] if extra_loss else [])
+    if not_per_pair:
         if config.micro_batch_size != "auto":
-            raise ConfigError(f"micro_batch_size: loss_type {loss_types} is not a mean of per-pair terms, so "
-                              "micro-batches would change it; remove micro_batch_size")
+            raise ConfigError(f"micro_batch_size: the loss ({', '.join(not_per_pair)}) is not a mean of per-pair "
+                              "terms, so micro-batches would change it; remove micro_batch_size")
         return None
     return int(setting)
 
@@ -194,13 +200,14 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
 
 
 def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: bool,
-                   num_params: int | None = None) -> Any:
-    """The TRL config object: align's defaults, then the user's explicit settings."""
+                   num_params: int | None = None, extra_loss: str | None = None) -> Any:
+    """The TRL config object: align's defaults, then the user's explicit settings (``extra_loss``: see
+    :func:`resolve_micro_batch`)."""
     args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None,
                               num_params=num_params)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"
-    micro = resolve_micro_batch(config, args, on_gpu=on_gpu)
+    micro = resolve_micro_batch(config, args, on_gpu=on_gpu, extra_loss=extra_loss)
     if micro is not None:
         batch = args.get("per_device_train_batch_size", _trl_default(config.method, "per_device_train_batch_size"))
         accumulation = args.get("gradient_accumulation_steps", 1)

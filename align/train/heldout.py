@@ -49,6 +49,11 @@ def margin_accuracy(margins: Sequence[float], tie_tolerance: float = 0.0) -> flo
     return sum(1.0 if m > tie_tolerance else 0.5 if m >= -tie_tolerance else 0.0 for m in margins) / len(margins)
 
 
+def dpo_margin(beta: float, chosen: Any, rejected: Any, ref_chosen: Any, ref_rejected: Any) -> Any:
+    """The implicit reward margin beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), per pair."""
+    return beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))
+
+
 def _completion_logps(model: Any, batch: dict[str, Any]) -> Any:
     """Summed completion log-probs per row, from the same fused-head forward TRL's losses use."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -84,7 +89,7 @@ class HeldoutMarginsMixin:
             handle.remove()
         seq_len = inputs["completion_mask"].size(1) - 1
         chosen, rejected = captured[0][:, -seq_len:].sum(-1).chunk(2, dim=0)
-        margin = trainer.beta * ((chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"]))
+        margin = dpo_margin(trainer.beta, chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
         self.align_eval_margins += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
         return result
 
@@ -122,7 +127,7 @@ def dpo_heldout_margins(trainer: Any) -> list[float]:
                     ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
                 else:
                     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.ref_model or model, batch)
-            margin = trainer.beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))
+            margin = dpo_margin(trainer.beta, chosen, rejected, ref_chosen, ref_rejected)
             margins += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
     finally:
         model.train(was_training)

@@ -148,7 +148,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     """Run DPO or KTO on TRL as ``config`` says; see the module docstring for what lands in the run dir.
 
     ``extra_mixins`` extend the trainer class (in front of align's own), e.g. the KD term of
-    :mod:`align.train.distill.preference`.
+    :mod:`align.train.distill.preference`; one that adds a loss term names it in ``align_extra_loss``
+    (DPO's micro-batches are then off: they are exact only for means of per-pair terms).
     """
     import datasets
     import torch
@@ -164,8 +165,9 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
                           "lora.quantize (plain LoRA) or use a GPU machine")
     # Everything that can fail on bad input is checked before any model is loaded.
     data = load_training_data(config.data, config.method)
-    args = build_trl_args(config, config.output_dir, on_gpu=on_gpu,
-                          bf16_ok=on_gpu and torch.cuda.is_bf16_supported())
+    extra_losses = [m.align_extra_loss for m in extra_mixins if getattr(m, "align_extra_loss", None)]
+    args = build_trl_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported(),
+                          extra_loss=", ".join(extra_losses) or None)
     train_rows, heldout_rows = data.rows, []
     if config.eval_data:
         heldout_rows = load_training_data(config.eval_data, config.method).rows

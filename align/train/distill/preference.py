@@ -100,6 +100,8 @@ class ChosenDistillMixin:
     """
 
     align_distill: ChosenDistillSettings | None = None
+    # A mean over the batch's chosen tokens, not over pairs: DPO's micro-batches would weigh it differently.
+    align_extra_loss = "KD on the chosen tokens"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
@@ -211,8 +213,5 @@ def train_with_distillation(config: PreferenceDistillConfig, *, resume: bool = F
                                      trust_remote_code=config.trust_remote_code)
     log.info("DPO + %.3g x KD(teacher %s%s) on the chosen answers", config.distill_weight, config.teacher,
              ", with a system prompt" if config.teacher_system_prompt else "")
-    if config.micro_batch_size == "auto":
-        # The KD term is a mean over the batch's chosen tokens; split batches would weigh pairs, not tokens.
-        config = config.model_copy(update={"micro_batch_size": None})
     kd_mixin = type("ChosenDistill", (ChosenDistillMixin,), {"align_distill": settings})
     return train(config, resume=resume, extra_mixins=(kd_mixin,))
