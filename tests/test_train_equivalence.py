@@ -90,30 +90,43 @@ def test_align_trainers_give_trls_loss_gradients_and_metrics(case: str, tiny_mod
         assert ours[2][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
-def test_eval_margins_read_from_trls_forward_equal_a_separate_pass(tiny_model_dir) -> None:
-    """The held-out DPO margins align reads off TRL's own eval forwards are those of a pass of their own."""
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_eval_rewards_read_from_trls_forward_equal_a_separate_pass(method: str, tiny_model_dir) -> None:
+    """The held-out rewards (DPO margins, KTO rewards) align reads off TRL's own eval forwards are those of a
+    pass of their own."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from align.models import load_tokenizer
     from align.train.config import trl_config_class
-    from align.train.heldout import dpo_heldout_margins, evaluate_with_margins
+    from align.train.heldout import dpo_heldout_margins, evaluate_with_accuracy, kto_heldout_rewards
     from align.train.run import _trainer_class
 
-    rows = _dpo_rows(12)
-    args = trl_config_class("dpo")(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[], max_length=64,
-                                   per_device_train_batch_size=4, per_device_eval_batch_size=3, max_steps=2,
-                                   learning_rate=1e-3, gradient_checkpointing=False, precompute_ref_log_probs=True,
-                                   save_strategy="no", seed=0)
-    trainer = _trainer_class("dpo", prefix_sharing=True)(
+    rows = _dpo_rows(12) if method == "dpo" else _kto_rows(12)
+    args = trl_config_class(method)(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to=[], max_length=64,
+                                    per_device_train_batch_size=4, per_device_eval_batch_size=3, max_steps=2,
+                                    learning_rate=1e-3, gradient_checkpointing=False, precompute_ref_log_probs=True,
+                                    save_strategy="no", seed=0)
+    trainer = _trainer_class(method, prefix_sharing=True)(
         model=AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), args=args,
         processing_class=load_tokenizer(str(tiny_model_dir)), train_dataset=Dataset.from_list(rows[:8]),
         eval_dataset=Dataset.from_list(rows[8:]),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    trainer.train()  # margins away from 0
-    metrics, read = evaluate_with_margins(trainer)
-    separate = dpo_heldout_margins(trainer)
-    assert len(read) == len(separate) == 4 and "eval_loss" in metrics
-    assert read == pytest.approx(separate, rel=1e-4, abs=1e-6)
-    assert any(abs(m) > 1e-3 for m in read)
+    trainer.train()  # rewards away from 0
+    trainer.align_eval_rewards = []
+    metrics = trainer.evaluate()
+    read = trainer.align_eval_rewards
+    assert read is not None and "eval_loss" in metrics
+    if method == "dpo":
+        separate = dpo_heldout_margins(trainer)
+        assert len(read) == len(separate) == 4
+        assert read == pytest.approx(separate, rel=1e-4, abs=1e-6)
+        assert any(abs(m) > 1e-3 for m in read)
+    else:
+        rewards, labels = kto_heldout_rewards(trainer)
+        assert len(read) == len(rewards) == 4
+        assert [r for r, _ in read] == pytest.approx(rewards, rel=1e-4, abs=1e-6)
+        assert [d for _, d in read] == labels == [row["label"] for row in rows[8:]]
+        assert any(abs(r) > 1e-3 for r in rewards)
+    assert evaluate_with_accuracy(trainer, tie_tolerance=0.0)[1] is not None

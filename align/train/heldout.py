@@ -63,22 +63,25 @@ def _completion_logps(model: Any, batch: dict[str, Any]) -> Any:
     return out.log_probs[:, -(batch["input_ids"].size(1) - 1):].sum(-1)
 
 
-class HeldoutMarginsMixin:
-    """Mixed into TRL's DPOTrainer: keeps each evaluated pair's reward margin from TRL's own eval forward.
+class HeldoutRewardsMixin:
+    """Mixed into TRL's DPO/KTO trainers: keeps each evaluated example's implicit reward from TRL's own eval forward.
 
-    With precomputed reference log-probs (align's default) an evaluation step is one policy forward; a
-    forward hook reads its per-token log-probs, so the accuracy costs no second pass over the held-out
-    pairs. ``align_eval_margins`` is None when a step could not be read this way (the reference computed
-    on the fly, or LD-DPO's weighted log-probs); :func:`dpo_heldout_margins` then makes its own pass.
+    With precomputed reference log-probs (align's default) an evaluation step is policy forwards only; a
+    forward hook reads the completion forward's per-token log-probs (the last forward of a step: KTO runs its
+    KL forward first), so the accuracy costs no second pass over the held-out rows. Collected are DPO
+    margins, or KTO (reward, desirable) rows. ``align_eval_rewards`` is None when a step could not be read
+    this way (the reference computed on the fly, or LD-DPO's weighted log-probs); a pass of its own follows.
     """
 
-    align_eval_margins: list[float] | None = None
+    align_method: str = "dpo"
+    align_eval_rewards: list[Any] | None = None
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         trainer: Any = self
-        collecting = self.align_eval_margins is not None and not trainer.model.training
-        if collecting and ("ref_chosen_logps" not in inputs or getattr(trainer, "ld_alpha", None) is not None):
-            self.align_eval_margins, collecting = None, False  # not readable here: a pass of its own follows
+        collecting = self.align_eval_rewards is not None and not trainer.model.training
+        ref_column = "ref_chosen_logps" if self.align_method == "dpo" else "ref_logps"
+        if collecting and (ref_column not in inputs or getattr(trainer, "ld_alpha", None) is not None):
+            self.align_eval_rewards, collecting = None, False  # not readable here: a pass of its own follows
         if not collecting:
             return super()._compute_loss(model, inputs, return_outputs)  # type: ignore[misc]
         captured: list[Any] = []
@@ -87,20 +90,38 @@ class HeldoutMarginsMixin:
             result = super()._compute_loss(model, inputs, return_outputs)  # type: ignore[misc]
         finally:
             handle.remove()
-        seq_len = inputs["completion_mask"].size(1) - 1
-        chosen, rejected = captured[0][:, -seq_len:].sum(-1).chunk(2, dim=0)
-        margin = dpo_margin(trainer.beta, chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
-        self.align_eval_margins += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
+        seq_len = inputs["input_ids"].size(1) - 1
+        logps = captured[-1][:, -seq_len:].sum(-1)
+        if self.align_method == "dpo":
+            chosen, rejected = logps.chunk(2, dim=0)
+            margin = dpo_margin(trainer.beta, chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
+            self.align_eval_rewards += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
+        else:
+            reward = trainer.beta * (logps - inputs["ref_logps"].to(logps.device))
+            label = _as_bool_tensor(inputs["label"], reward.device)
+            reward, label = trainer.accelerator.gather_for_metrics((reward.float(), label))
+            self.align_eval_rewards += list(zip(reward.tolist(), label.tolist()))
         return result
 
 
-def evaluate_with_margins(trainer: Any) -> tuple[dict[str, float], list[float]]:
-    """TRL's ``evaluate()`` metrics, and the held-out DPO margins read from the same forwards."""
-    trainer.align_eval_margins = []
+def evaluate_with_accuracy(trainer: Any, tie_tolerance: float) -> tuple[dict[str, float], float | None]:
+    """TRL's ``evaluate()`` metrics and the held-out reward accuracy (ties half), read from the same forwards."""
+    trainer.align_eval_rewards = []
     metrics = trainer.evaluate()
-    margins = trainer.align_eval_margins
-    trainer.align_eval_margins = None
-    return metrics, margins if margins is not None else dpo_heldout_margins(trainer)
+    collected = trainer.align_eval_rewards
+    trainer.align_eval_rewards = None
+    if trainer.align_method == "dpo":
+        margins = collected if collected is not None else dpo_heldout_margins(trainer)
+        return metrics, margin_accuracy(margins, tie_tolerance=tie_tolerance)
+    rewards, labels = ([r for r, _ in collected], [d for _, d in collected]) if collected is not None \
+        else kto_heldout_rewards(trainer)
+    return metrics, pairwise_accuracy(rewards, labels, tie_tolerance=tie_tolerance)
+
+
+def _as_bool_tensor(values: Any, device: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(values, dtype=torch.bool, device=device)
 
 
 def dpo_heldout_margins(trainer: Any) -> list[float]:
@@ -157,7 +178,7 @@ def kto_heldout_rewards(trainer: Any) -> tuple[list[float], list[bool]]:
                 else:
                     ref_logps = trainer.compute_ref_log_probs(trainer.ref_model or model, batch)[0]
             reward = trainer.beta * (logps - ref_logps.to(logps.device))
-            label = torch.as_tensor(batch["label"], dtype=torch.bool, device=reward.device)
+            label = _as_bool_tensor(batch["label"], reward.device)
             reward, label = trainer.accelerator.gather_for_metrics((reward.float(), label))
             rewards += reward.tolist()
             labels += label.tolist()

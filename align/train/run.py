@@ -16,8 +16,7 @@ from align.errors import AlignError, ConfigError
 from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, sample_for_run, split_holdout
-from align.train.heldout import (HeldoutMarginsMixin, evaluate_with_margins, kto_heldout_rewards, margin_accuracy,
-                                 pairwise_accuracy)
+from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
@@ -49,13 +48,11 @@ def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
     from trl import DPOTrainer, KTOTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
-    mixins: tuple[type, ...] = (RefCacheMixin,)
+    mixins: tuple[type, ...] = (HeldoutRewardsMixin, RefCacheMixin)
     if selective_recompute:
         mixins = (SelectiveRecomputeMixin, *mixins)
     if lean_lm_head:
         mixins = (LeanHeadMixin, *mixins)
-    if method == "dpo":
-        mixins = (HeldoutMarginsMixin, *mixins)
     if method == "dpo" and prefix_sharing:
         mixins = (PrefixSharingMixin, *mixins)
     mixins = (*extra_mixins, *mixins)
@@ -288,19 +285,13 @@ def last_complete_checkpoint(run_dir: Path) -> str | None:
 
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:
-    is_kto = getattr(trainer, "align_method", None) == "kto"
-    metrics, margins = (trainer.evaluate(), []) if is_kto else evaluate_with_margins(trainer)
-    skip = ("runtime", "per_second", "preparation_time", "num_tokens")
-    keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
-            if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
     # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise (align.train.heldout).
     # A log-prob gap under 1e-3 nats is a tie: policy and reference see differently padded batches, and on
     # 256-token dpo_en_demo pairs that noise passed 1e-4 nats for 1 pair in 32.
-    tolerance = trainer.beta * 1e-3
-    if is_kto:
-        accuracy = pairwise_accuracy(*kto_heldout_rewards(trainer), tie_tolerance=tolerance)
-    else:
-        accuracy = margin_accuracy(margins, tie_tolerance=tolerance)
+    metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=trainer.beta * 1e-3)
+    skip = ("runtime", "per_second", "preparation_time", "num_tokens")
+    keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
+            if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
     if accuracy is not None:
         keep["rewards/accuracies"] = accuracy
     log.info("held-out %s training: %s", when, ", ".join(f"{k}={v:.4f}" for k, v in sorted(keep.items())))
