@@ -15,7 +15,7 @@ follows, so:
   trunk ends.
 
 The verdict is read at each branch's last tokens. The numbers are those of
-separate forward passes up to float rounding (tests/test_judge.py compares
+separate forward passes up to float rounding (tests/test_label_judge.py compares
 them); on the benchmark's pairs it is about 1.5x fewer tokens. The same idea
 trains DPO (align.train.prefix_sharing).
 """
