@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import json
 import logging
@@ -212,10 +213,16 @@ def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust
 def cache_kwarg(model: Any) -> str:
     """The name a model's forward takes its KV cache under: transformers 5.2x renamed ``past_key_values``
     to ``cache`` (the old name is dropped in 5.40)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(base))
+
+
+@functools.cache
+def _cache_kwarg_of(model_class: type) -> str:
+    # once per class: decoding asks at every step
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def accepts_block_masks(model: Any) -> bool:

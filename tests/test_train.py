@@ -341,7 +341,7 @@ def test_pack_pairs_layout() -> None:
 
 
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path: Path) -> None:
-    from align.train.run import last_complete_checkpoint
+    from align.train.checkpoints import last_complete_checkpoint
 
     assert last_complete_checkpoint(tmp_path) is None
     for step, complete in ((5, True), (9, True), (10, False)):  # 10: killed before trainer_state.json was written

@@ -54,6 +54,11 @@ def dpo_margin(beta: float, chosen: Any, rejected: Any, ref_chosen: Any, ref_rej
     return beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))
 
 
+def kto_reward(beta: float, logps: Any, ref_logps: Any) -> Any:
+    """The implicit reward beta * (log pi - log ref) of each row's completion."""
+    return beta * (logps - ref_logps.to(logps.device))
+
+
 def _completion_logps(model: Any, batch: dict[str, Any]) -> Any:
     """Summed completion log-probs per row, from the same fused-head forward TRL's losses use."""
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
@@ -97,7 +102,7 @@ class HeldoutRewardsMixin:
             margin = dpo_margin(trainer.beta, chosen, rejected, inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
             self.align_eval_rewards += trainer.accelerator.gather_for_metrics(margin.float()).tolist()
         else:
-            reward = trainer.beta * (logps - inputs["ref_logps"].to(logps.device))
+            reward = kto_reward(trainer.beta, logps, inputs["ref_logps"])
             label = _as_bool_tensor(inputs["label"], reward.device)
             reward, label = trainer.accelerator.gather_for_metrics((reward.float(), label))
             self.align_eval_rewards += list(zip(reward.tolist(), label.tolist()))
@@ -177,7 +182,7 @@ def kto_heldout_rewards(trainer: Any) -> tuple[list[float], list[bool]]:
                     ref_logps = batch["ref_logps"]
                 else:
                     ref_logps = trainer.compute_ref_log_probs(trainer.ref_model or model, batch)[0]
-            reward = trainer.beta * (logps - ref_logps.to(logps.device))
+            reward = kto_reward(trainer.beta, logps, ref_logps)
             label = _as_bool_tensor(batch["label"], reward.device)
             reward, label = trainer.accelerator.gather_for_metrics((reward.float(), label))
             rewards += reward.tolist()

@@ -7,13 +7,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from align.config import dump_config
 from align.data.io import write_json, write_text
-from align.errors import AlignError, ConfigError
+from align.errors import ConfigError
 from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
+from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import load_training_data, sample_for_run, split_holdout
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy
@@ -112,18 +112,6 @@ class PrefixSharingMixin:
                          model.config._attn_implementation)
 
 
-def _prepare_run_dir(config: TrainConfig, resume: bool) -> Path:
-    run_dir = Path(config.output_dir)
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*")) if run_dir.exists() else []
-    if checkpoints and not resume:
-        raise AlignError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
-                         "or choose another --output-dir")
-    if resume and not checkpoints:
-        log.info("--resume: no checkpoint in %s yet, starting from the beginning", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def rows_needed(max_steps: int, batch_size: int, grad_accum: int, world_size: int) -> int | None:
     """How many examples a run of ``max_steps`` consumes (None: unbounded, i.e. epochs)."""
     if max_steps is None or max_steps <= 0:
@@ -171,7 +159,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     elif config.eval_split:
         train_rows, heldout_rows = split_holdout(data.rows, config.eval_split, args.seed)
     student = resolve_model(config.model)
-    run_dir = _prepare_run_dir(config, resume)
+    run_dir = prepare_run_dir(config.output_dir, resume)
     configure_wandb(list(args.report_to or []), str(run_dir))
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
@@ -265,23 +253,6 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
     # null leaves the choice to align: on for CPU (where it was measured), off on a GPU.
     return config.selective_recompute if config.selective_recompute is not None else not on_gpu
-
-
-def last_complete_checkpoint(run_dir: Path) -> str | None:
-    """The newest checkpoint that finished saving, or None.
-
-    A kill during a save leaves a checkpoint folder without ``trainer_state.json`` (the Trainer writes it
-    last); resuming from that one would fail, so it is skipped and the step is simply trained again.
-    """
-    def step(path: Path) -> int:
-        return int(path.name.rsplit("-", 1)[-1]) if path.name.rsplit("-", 1)[-1].isdigit() else -1
-
-    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=step, reverse=True)
-    for checkpoint in found:
-        if (checkpoint / "trainer_state.json").exists():
-            return str(checkpoint)
-        log.warning("%s was not finished saving (killed during the save?); resuming from an earlier one", checkpoint)
-    return None
 
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:

@@ -12,16 +12,15 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from align.config import dump_config
 from align.data.io import write_json
-from align.errors import AlignError, ConfigError, DataError
+from align.errors import ConfigError, DataError
 from align.models import load_model, load_tokenizer, resolve_model
+from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.distill.config import DistillConfig, build_gkd_args
 from align.train.distill.data import DistillData, check_stored_tokens, encode_examples, load_distill_data
-from align.train.run import last_complete_checkpoint
 from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     if dropped:
         log.warning("%d of %d examples dropped: their prompt alone fills max_length=%d", dropped,
                     len(data.examples), args.max_length)
-    run_dir = _prepare_run_dir(config, resume)
+    run_dir = prepare_run_dir(config.output_dir, resume)
     configure_wandb(list(args.report_to or []), str(run_dir))
 
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, merge_adapter=True)
@@ -202,16 +201,6 @@ def _evaluate(trainer: Any, teacher: Any, tokenizer: Any, answers: Any, config: 
     log.info("held-out %s training: KL(teacher||student) %.4f/token, token agreement %.3f, exact match %.3f",
              when, metrics["kl_per_token"], metrics["token_agreement"], metrics["exact_match"])
     return metrics
-
-
-def _prepare_run_dir(config: DistillConfig, resume: bool) -> Path:
-    run_dir = Path(config.output_dir)
-    checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*")) if run_dir.exists() else []
-    if checkpoints and not resume:
-        raise AlignError(f"{run_dir} already holds a run with checkpoints; pass --resume to continue it "
-                         "or choose another --output-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _peft_config(config: DistillConfig) -> Any:
