@@ -138,10 +138,11 @@ def test_shared_prefixes_give_the_numbers_of_separate_passes(tiny_backend: Local
         for a, b in zip(shared, separate):
             assert a.shape == (keep, len(ids))
             torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
-    # The two orders of one pair share their request, and so do the pairs asked about the same prompt.
+    # The two orders of one pair share their request, and so do the pairs asked about the same prompt;
+    # questions that show the same answer first (0 and 3 show X) are put side by side.
     offset = common_prefix_length(pairwise)
-    assert share_groups(pairwise, offset, max_size=8) == [[0, 1, 2, 3], [4, 5]]
-    assert share_groups(pairwise, offset, max_size=2) == [[0, 1], [2, 3], [4, 5]]
+    assert sorted(map(sorted, share_groups(pairwise, offset, max_size=8))) == [[0, 1, 2, 3], [4, 5]]
+    assert [0, 3] in [sorted(group) for group in share_groups(pairwise, offset, max_size=2)]
 
 
 def test_packed_rows_layout() -> None:
@@ -159,6 +160,26 @@ def test_packed_rows_layout() -> None:
     assert visible.shape == (5, 7)
     assert visible[4].tolist() == [True, True, True, True, False, False, True]  # prefix, trunk, itself; not [7, 8]
     assert visible[3].tolist() == [True, True, True, True, True, True, False]
+
+
+def test_packed_rows_share_every_common_stretch() -> None:
+    """All pairs of one prompt's answers: the pairs that show the same answer first share that answer too."""
+    import torch
+
+    from align.label.shared_prefix import pack_groups
+
+    # after the cached prefix [0]: request 5 6, then first answer 7 (twice) or 1, then second answer 8, 9 or 2
+    packed = pack_groups([[[0, 5, 6, 7, 8], [0, 5, 6, 7, 9], [0, 5, 6, 1, 2]]], offset=1, keep=1, pad_id=0,
+                         dtype=torch.float32)
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2]]
+    assert packed.position_ids.tolist() == [[1, 2, 3, 4, 4, 3, 4]]
+    assert packed.reads == [(0, [3]), (0, [4]), (0, [6])]
+    visible = (packed.attention_mask[0, 0] == 0).int().tolist()
+    assert visible[4] == [1, 1, 1, 1, 0, 1, 0, 0]  # 9 sees the prefix, 5 6, 7 and itself; not 8
+    assert visible[6] == [1, 1, 1, 0, 0, 0, 1, 1]  # 2 sees the prefix, 5 6, 1 and itself
+    # A question's last token is read from its own stretch, even when another question is the same.
+    twice = pack_groups([[[0, 5, 6], [0, 5, 6]]], offset=1, keep=1, pad_id=0, dtype=torch.float32)
+    assert twice.input_ids.tolist() == [[5, 6, 6]] and twice.reads == [(0, [1]), (0, [2])]
 
 
 @pytest.mark.parametrize("scale", ["10", "good-bad"])
