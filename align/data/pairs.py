@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.data.io import write_records
-from align.data.records import Judgement, PreferencePair, UnpairedExample, is_conversational, to_plain
+from align.data.records import Judgement, PreferencePair, UnpairedExample, to_plain
 from align.data.validate import load_records
 from align.errors import ConfigError, DataError
 

@@ -33,6 +33,12 @@ class LoraSettings(StrictConfig):
     target_modules: str | list[str] = "all-linear"
     quantize: Literal["4bit"] | None = None
 
+    def peft_config(self) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=self.target_modules, task_type="CAUSAL_LM")
+
 
 class TrainConfig(StrictConfig):
     """Everything a DPO/KTO run needs. Unknown keys are checked against TRL's config for the method."""

@@ -193,7 +193,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     if config.reference != "base":
         ref_model = load_model(config.reference, trust_remote_code=config.trust_remote_code, merge_adapter=True)
         ref_model.requires_grad_(False).eval()
-    peft_config = _peft_config(config)
+    peft_config = config.lora.peft_config() if config.lora else None
 
     store = None
     if config.ref_cache and args.precompute_ref_log_probs:
@@ -283,15 +283,6 @@ def _set_kto_weights(config: TrainConfig, args: Any, rows: list[dict[str, Any]])
                  "lambda_D*n_D/(lambda_U*n_U) = %.3f (KTO paper Eq. 8 asks for [1, 4/3])",
                  n_d, n_u, args.desirable_weight, args.undesirable_weight,
                  "set by you" if explicit else "set automatically", ratio)
-
-
-def _peft_config(config: TrainConfig) -> Any:
-    if config.lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.lora_dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
 
 
 def _quantization_kwargs(config: TrainConfig) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
         model=model, teacher_model=None if config.uses_stored_logprobs else teacher, args=args,
         data_collator=DistillCollator(tokenizer.pad_token_id, args.max_length),
         loss=LossSettings(alpha=config.alpha, sparse_tail=config.sparse_tail),
-        train_dataset=Dataset.from_list(rows), processing_class=tokenizer, peft_config=_peft_config(config),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=config.lora.peft_config() if config.lora else None,
         callbacks=[MetricsFileCallback(run_dir / "metrics.jsonl")],
     )
     dump_config(config, run_dir / "config.yaml")
@@ -202,11 +203,3 @@ def _evaluate(trainer: Any, teacher: Any, tokenizer: Any, answers: Any, config: 
              when, metrics["kl_per_token"], metrics["token_agreement"], metrics["exact_match"])
     return metrics
 
-
-def _peft_config(config: DistillConfig) -> Any:
-    if config.lora is None:
-        return None
-    from peft import LoraConfig
-
-    return LoraConfig(r=config.lora.r, lora_alpha=config.lora.lora_alpha, lora_dropout=config.lora.lora_dropout,
-                      target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
