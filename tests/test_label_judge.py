@@ -156,6 +156,7 @@ def test_packed_rows_layout() -> None:
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 1, 2, 0, 0]]
     assert packed.position_ids[0].tolist() == [2, 3, 4, 5, 4]  # the second branch restarts after the trunk
     assert packed.reads == [(0, [3]), (0, [4]), (1, [2])]
+    assert packed.tokens == 8  # 11 without sharing; padding not counted
     visible = packed.attention_mask[0, 0] == 0
     assert visible.shape == (5, 7)
     assert visible[4].tolist() == [True, True, True, True, False, False, True]  # prefix, trunk, itself; not [7, 8]
@@ -174,6 +175,7 @@ def test_packed_rows_share_every_common_stretch() -> None:
     assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2]]
     assert packed.position_ids.tolist() == [[1, 2, 3, 4, 4, 3, 4]]
     assert packed.reads == [(0, [3]), (0, [4]), (0, [6])]
+    assert packed.tokens == 7  # 12 without sharing
     visible = (packed.attention_mask[0, 0] == 0).int().tolist()
     assert visible[4] == [1, 1, 1, 1, 0, 1, 0, 0]  # 9 sees the prefix, 5 6, 7 and itself; not 8
     assert visible[6] == [1, 1, 1, 0, 0, 0, 1, 1]  # 2 sees the prefix, 5 6, 1 and itself

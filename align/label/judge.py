@@ -207,6 +207,7 @@ class LocalBackend:
         self.batch_size = batch_size
         self.max_response_tokens = max_response_tokens
         self.share_prefixes = share_prefixes and accepts_block_masks(self.model)
+        self.tokens_read = 0  # tokens run through the model, padding not counted (for benchmarks)
 
     def truncate(self, text: str) -> tuple[str, bool]:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
@@ -262,6 +263,7 @@ class LocalBackend:
             mask = torch.tensor([[0] * (width - len(sequences[i])) + [1] * len(sequences[i]) for i in chunk],
                                 device=self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self.tokens_read += sum(len(sequences[i]) for i in chunk)
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                                     logits_to_keep=keep).logits[:, -keep:, :]
@@ -284,6 +286,7 @@ class LocalBackend:
             from transformers import DynamicCache
 
             prefix_cache = DynamicCache(config=self.model.config)
+            self.tokens_read += offset
             with torch.inference_mode():
                 self.model(input_ids=torch.tensor([sequences[0][:offset]], device=self.device), use_cache=True,
                            **{cache_kwarg(self.model): prefix_cache})
@@ -301,6 +304,7 @@ class LocalBackend:
             if prefix_cache is not None:
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(batch))
+            self.tokens_read += packed.tokens
             columns = sorted({c for _, cols in packed.reads for c in cols})
             at = {c: k for k, c in enumerate(columns)}
             with torch.inference_mode():

@@ -65,6 +65,7 @@ class PackedRows:
     attention_mask: torch.Tensor  # [R, 1, L, offset + L], additive
     position_ids: torch.Tensor  # [R, L]
     reads: list[tuple[int, list[int]]]  # per question, in the order given: (row, the columns to read)
+    tokens: int  # the rows' tokens, not counting padding
 
 
 @dataclass
@@ -153,4 +154,4 @@ def pack_groups(groups: Sequence[Sequence[Sequence[int]]], offset: int, keep: in
     visible = torch.cat([torch.ones(len(rows), width, offset, dtype=torch.bool), visible], dim=2)
     additive = torch.zeros(len(rows), 1, width, offset + width, dtype=dtype)
     additive.masked_fill_(~visible[:, None], torch.finfo(dtype).min)
-    return PackedRows(input_ids, additive, position_ids, reads)
+    return PackedRows(input_ids, additive, position_ids, reads, sum(map(len, rows)))
