@@ -190,8 +190,8 @@ def compare_judges(judge: Any, pairs: list[dict[str, Any]], batch_size: int, max
 
     backend = judge.backend
     seconds: dict[str, float] = dict.fromkeys(("shared", "separate", "generative", "reading", "plain"), 0.0)
-    tokens = {"shared": 0, "separate": 0, "plain": 0}
-    verdicts, separate, gen_labels, gen_texts, generated = [], [], [], [], 0
+    tokens = {"shared": 0, "separate": 0}  # read by align's judge
+    verdicts, separate, gen_labels, gen_texts, generated, plain_tokens = [], [], [], [], 0, 0
 
     def timed(name: str, run: Any) -> Any:
         backend.tokens_read = 0
@@ -218,9 +218,9 @@ def compare_judges(judge: Any, pairs: list[dict[str, Any]], batch_size: int, max
         # is writing: the same batches, generating a single token.
         timed("reading", lambda: generative_judge(backend.model, backend.tokenizer, chunk, batch_size, 1))
         # The fastest any reading judge could go here: the model's forward pass on full rows, no mask, no padding.
-        tokens["plain"] += timed("plain", lambda: forward_pass(backend.model, batch_size))
+        plain_tokens += timed("plain", lambda: forward_pass(backend.model, batch_size))
     prob_labels: list[str | None] = [v.label if v.label in ("a", "b") else None for v in verdicts]
-    plain_rate = tokens["plain"] / seconds["plain"]
+    plain_rate = plain_tokens / seconds["plain"]
     gen_seconds, read_seconds, prob_seconds = seconds["generative"], seconds["reading"], seconds["shared"]
     separate_seconds, prob_tokens, separate_tokens = seconds["separate"], tokens["shared"], tokens["separate"]
 
