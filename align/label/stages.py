@@ -77,9 +77,11 @@ class LabelResult:
         return out
 
 
-def judgeable(candidates: CandidateSet, result: LabelResult) -> list[Candidate]:
+def judgeable(candidates: CandidateSet, result: LabelResult | None = None) -> list[Candidate]:
+    """The responses a labeler judges (not empty, not a duplicate of another); the rest are counted in ``result``."""
     keep = [c for c in candidates.responses if c.text.strip() and not c.empty and c.duplicate_of is None]
-    result.not_judged += len(candidates.responses) - len(keep)
+    if result is not None:
+        result.not_judged += len(candidates.responses) - len(keep)
     return keep
 
 

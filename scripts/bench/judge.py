@@ -122,10 +122,11 @@ def load_candidate_pairs(path: Path, n: int) -> list[dict[str, Any]]:
 
     from align.data.validate import read_records
     from align.label.judge import render_prompt
+    from align.label.stages import judgeable
 
     pairs: list[dict[str, Any]] = []
     for candidates in read_records(path, "candidates"):
-        answers = [c.text for c in candidates.responses if c.text.strip() and not c.empty and c.duplicate_of is None]
+        answers = [c.text for c in judgeable(candidates)]
         pairs += [{"prompt": render_prompt(candidates.prompt), "a": a, "b": b} for a, b in combinations(answers, 2)]
         if len(pairs) >= n:
             return pairs[:n]
