@@ -11,6 +11,8 @@ from align.eval.stats import LOSS, TIE, WIN, bootstrap_ci, compare_scores, summa
 from tests.clihelp import run_align
 
 REPO = Path(__file__).resolve().parent.parent
+HELDOUT = REPO / "datasets" / "prompts" / "concise_heldout.jsonl"
+RULES = "rules:\n  - name: short\n    max_chars: 60\n  - name: no_digits\n    must_not_match: '[0-9]'\n"
 
 
 def test_ties_are_counted_apart_and_intervals_cover_the_rate() -> None:
@@ -48,17 +50,104 @@ def test_reference_against_itself_is_a_coin_flip_with_zero_kl(tiny_model_dir: Pa
     # different seeds for the two sides: a model against itself is not 40 identical ties
     assert metrics["ties"] < 40
     assert set(metrics["rules"]) == {"short", "no_digits"}
+    assert metrics["samples_per_prompt"] == 1 and metrics["decoding"] == "sample" and metrics["kl_caveat"] is None
+    assert metrics["score_diff_ci_low"] <= 0 <= metrics["score_diff_ci_high"]
+    assert metrics["improved"] + metrics["worsened"] + metrics["unchanged"] == 40
     for role in ("model", "reference"):  # meeting every rule is bounded by the per-rule pass rates
         per_rule = [stats[f"{role}_pass"] for stats in metrics["rules"].values()]
         assert 1 - sum(1 - p for p in per_rule) - 1e-9 <= metrics[f"rule_pass_rate_{role}"] <= min(per_rule) + 1e-9
     report = (out / "report.md").read_text()
     assert "win rate" in report and "KL" in report and "meets every rule" in report
+    assert "one sample each" in report and "score difference" in report
     for png in ("win_rate.png", "reward_vs_kl.png", "length_hist.png"):
         assert (out / png).stat().st_size > 1000
-    assert "report:" in stdout
+    assert "report:" in stdout and "score difference (student - reference)" in stdout
 
 
 def test_eval_needs_a_judge(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
                              "--prompts", REPO / "datasets" / "prompts" / "concise_heldout.jsonl", "-o", tmp_path)
     assert code != 0 and "give a judge" in err
+
+
+def test_k_samples_per_prompt_are_compared_kth_with_kth_and_paired_by_prompt(tiny_model_dir: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    out = tmp_path / "eval"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    code, stdout, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
+                                  "--prompts", HELDOUT, "--judge", rules, "-o", out, "--samples-per-prompt", "2",
+                                  "max_new_tokens=12")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples_per_prompt"] == 2 and metrics["prompts"] == 40
+    assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 80
+    assert metrics["win_rate_ci_low"] <= 0.5 <= metrics["win_rate_ci_high"]
+    assert abs(metrics["kl_per_token"]) < 1e-4 and metrics["kl_caveat"] is None  # a model against itself
+    rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    answers = {role: {r["prompt_id"]: r for r in map(json.loads, (out / f"responses_{role}.jsonl").open())}
+               for role in ("model", "reference")}
+    assert sorted(r["prompt_id"] for r in rows) == sorted(answers["model"]) == sorted(answers["reference"])
+    for row in rows:
+        assert len(row["outcomes"]) == len(row["model_scores"]) == len(row["reference_scores"]) == 2
+        assert len(row["log_ratios"]) == 2
+        model_texts = [a["text"] for a in answers["model"][row["prompt_id"]]["responses"]]
+        assert len(model_texts) == 2
+        for outcome, m, r in zip(row["outcomes"], row["model_scores"], row["reference_scores"]):
+            assert outcome == compare_scores(m, r)  # the k-th answers of the two sides, not any other pairing
+        assert row["score_diff"] == pytest.approx(sum(row["model_scores"]) / 2 - sum(row["reference_scores"]) / 2)
+    diffs = [row["score_diff"] for row in rows]
+    assert metrics["score_diff"] == pytest.approx(sum(diffs) / 40)
+    assert metrics["score_diff"] == pytest.approx(metrics["rule_score_model"] - metrics["rule_score_reference"])
+    assert metrics["score_diff_ci_low"] <= metrics["score_diff"] <= metrics["score_diff_ci_high"]
+    assert (metrics["improved"], metrics["worsened"]) == (sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs))
+    lengths = [a["num_tokens"] for rows_ in answers["model"].values() for a in rows_["responses"]]
+    assert metrics["mean_length_model"] == pytest.approx(sum(lengths) / 80)  # over all K answers
+    assert "2 samples each" in (out / "report.md").read_text()
+    assert "prompts improved/worsened" in stdout
+
+
+def test_greedy_answers_of_a_model_against_itself_all_tie_and_its_kl_carries_a_caveat(
+        tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    args = ["eval", "--model", tiny_model_dir, "--reference", tiny_model_dir, "--prompts", HELDOUT,
+            "--judge", rules, "-o", out, "max_new_tokens=12"]
+    code, stdout, err = run_align(capsys, *args, "--greedy")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decoding"] == "greedy" and metrics["temperature"] == 0.0
+    assert (metrics["ties"], metrics["wins"], metrics["losses"]) == (40, 0, 0)  # different seeds, same answers
+    assert (metrics["score_diff"], metrics["improved"], metrics["worsened"]) == (0.0, 0, 0)
+    assert "greedy" in metrics["kl_caveat"] and "not an unbiased KL" in metrics["kl_caveat"]
+    report = (out / "report.md").read_text()
+    assert "one greedy answer each" in report and "KL caveat" in report
+    assert "not an unbiased KL" in stdout
+    # The answers are resumed on a rerun: asking for other ones in the same folder says so, in eval's words.
+    code, _, err = run_align(capsys, *args, "--samples-per-prompt", "2")
+    assert code != 0 and "1 greedy answer" in err and "2 sampled answer(s)" in err and "--output-dir" in err
+
+
+def test_greedy_with_several_samples_per_prompt_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    code, _, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
+                             "--prompts", HELDOUT, "--judge", tmp_path / "rules.yaml", "-o", tmp_path / "eval",
+                             "--greedy", "--samples-per-prompt", "3")
+    assert code != 0 and "greedy decoding gives one answer per prompt" in err
+
+
+def test_the_llm_judge_compares_the_kth_answers_and_reports_no_score_difference(tiny_model_dir: Path,
+                                                                                 tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "eval"
+    code, stdout, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
+                                  "--prompts", prompts, "--judge-model", tiny_model_dir, "-o", out,
+                                  "--samples-per-prompt", "2", "max_new_tokens=8")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["judge"].startswith("llm:") and metrics["wins"] + metrics["ties"] + metrics["losses"] == 6
+    assert "score_diff" not in metrics and "score difference" not in stdout
+    rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["outcomes"]) == len(r["judgements"]) == 2 for r in rows)
+    assert all("p_model_better" in j for r in rows for j in r["judgements"])

@@ -18,6 +18,11 @@ def evaluate(
     teacher: str = typer.Option(None, "--teacher", help="Teacher: the student's per-token KL to it and agreement."),
     teacher_system_prompt: str = typer.Option(None, "--teacher-system-prompt",
                                               help="Seen by the teacher only: text, or @file."),
+    samples_per_prompt: int = typer.Option(None, "--samples-per-prompt", min=1,
+                                           help="Answers per prompt and model (default 1); the k-th are compared "
+                                                "and the intervals resample prompts."),
+    greedy: bool = typer.Option(False, "--greedy",
+                                help="One greedy answer per prompt and model (KL is then only a log-ratio)."),
     output_dir: Path = typer.Option(..., "-o", "--output-dir", help="Report dir."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML with any of these settings."),
 ) -> None:
@@ -30,7 +35,8 @@ def evaluate(
 
     settings = {"model": model, "reference": reference, "prompts": prompts, "judge": judge,
                 "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir, "teacher": teacher,
-                "teacher_system_prompt": teacher_system_prompt}
+                "teacher_system_prompt": teacher_system_prompt, "samples_per_prompt": samples_per_prompt,
+                "decoding": "greedy" if greedy else None}
     result = run_eval(load_config(EvalConfig, config, list(ctx.args), updates=settings))
     m = result.metrics
     for line in summary_lines(m):

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.data.records import CandidateSet, text_of
 from align.eval.stats import LOSS, TIE, WIN
 
 
-def pairwise_outcomes(config: Any, pairs: list[tuple[CandidateSet, CandidateSet]]) -> list[tuple[float, dict]]:
-    """One (outcome, details) per prompt; an unparsable verdict is a tie, flagged, never a win."""
+def pairwise_outcomes(config: Any, items: list[tuple[str, str, str]]) -> list[tuple[float, dict]]:
+    """One (outcome, details) per (prompt, student's answer, reference's answer), in order; an
+    unparsable verdict is a tie, flagged, never a win."""
     from align.label.judge import Judge, JudgeSettings, make_backend
 
     backend = make_backend(config.judge_model, base_url=config.judge_base_url,
                            api_key_env=config.judge_api_key_env if config.judge_base_url else None)
     judge = Judge(backend, JudgeSettings(mode="pairwise"))
-    items = [(text_of(model.prompt), model.responses[0].text, reference.responses[0].text)
-             for model, reference in pairs]
     results = []
     for verdict in judge.compare(items):
         detail: dict[str, Any] = {"p_model_better": verdict.score, "judge_label": verdict.label}

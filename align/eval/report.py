@@ -14,6 +14,19 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _answers_line(m: dict[str, Any]) -> str:
+    """How each model answered: one sample, K samples, or one greedy answer per prompt."""
+    if m.get("decoding") == "greedy":
+        return "one greedy answer each"
+    k = m.get("samples_per_prompt", 1)
+    each = "one sample each" if k == 1 else f"{k} samples each (the k-th answers compared; intervals resample prompts)"
+    return f"{each} at temperature {m['temperature']}"
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:+.{digits}f}"
+
+
 def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, Any]],
                  sampled: dict[str, Any], prompt_ids: list[str]) -> Path:
     plots = _plots(out, metrics, per_prompt, sampled, prompt_ids)
@@ -21,7 +34,7 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
     lines = [
         f"# Evaluation: {m['model']} vs {m['reference']}",
         "",
-        f"{m['prompts']} held-out prompts, one sample each at temperature {m['temperature']} "
+        f"{m['prompts']} held-out prompts, {_answers_line(m)} "
         f"(max {m['max_new_tokens']} new tokens); judge: {m.get('judge')}.",
         "",
         "| metric | value |",
@@ -30,6 +43,13 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
         f"{_fmt(m['win_rate_ci_high'])}) |",
         f"| wins / ties / losses | {m['wins']} / {m['ties']} / {m['losses']} |",
         f"| win rate, ties as half | {_fmt(m.get('win_rate_ties_as_half'))} |",
+    ]
+    if m.get("score_diff") is not None:
+        lines += [f"| mean score difference (student - reference) | **{_signed(m['score_diff'])}** (95% CI "
+                  f"{_signed(m['score_diff_ci_low'])} to {_signed(m['score_diff_ci_high'])}) |",
+                  f"| prompts improved / worsened / unchanged | {m['improved']} / {m['worsened']} / "
+                  f"{m.get('unchanged', 'n/a')} |"]
+    lines += [
         f"| KL(student \\|\\| reference) per token | {_fmt(m['kl_per_token'], 4)} |",
         f"| KL per sequence | {_fmt(m['kl_per_sequence'], 3)} |",
         f"| mean length, tokens (reference -> student) | {_fmt(m['mean_length_reference'], 1)} -> "
@@ -56,8 +76,13 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
     lines += ["", "## How to read this", "",
               "- The win rate counts decisive comparisons only; ties are listed apart. An interval that "
               "contains 0.5 means no measurable difference.",
+              "- The score difference is the student's rule score minus the reference's, per prompt (averaged "
+              "over its answers), then over prompts; it sees by how much, where the win rate sees only which. "
+              "An interval that contains 0 means no measurable difference.",
               "- KL is estimated on the student's own samples; a large KL or a jump in length or in "
               "length-cap hits means the student moved far or won by rambling, not by being better.", ""]
+    if m.get("kl_caveat"):
+        lines += [f"**KL caveat:** {m['kl_caveat']}.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     report = out / "report.md"
     from align.data.io import atomic_path
@@ -84,7 +109,8 @@ def _plots(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, A
     ax.set_title(f"win rate {rate:.2f} [{low:.2f}, {high:.2f}], ties {metrics['ties']}")
     paths.append(_save(fig, out / "win_rate.png"))
 
-    scores = [(v.get("log_ratio"), v.get("model_score")) for v in per_prompt.values()]
+    scores = [pair for v in per_prompt.values()  # one point per answer
+              for pair in zip(v.get("log_ratios") or [], v.get("model_scores") or [])]
     scores = [(x, y) for x, y in scores if x is not None and y is not None]
     if scores:
         fig, ax = plt.subplots(figsize=(4.5, 3.2))
@@ -96,10 +122,10 @@ def _plots(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, A
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for role, color in (("reference", "#999999"), ("model", "#4C72B0")):
-        lengths = [sampled[role][pid].responses[0].num_tokens or 0 for pid in prompt_ids]
+        lengths = [r.num_tokens or 0 for pid in prompt_ids for r in sampled[role][pid].responses]
         ax.hist(lengths, bins=20, alpha=0.6, label=role if role == "reference" else "student", color=color)
     ax.set_xlabel("response length (tokens)")
-    ax.set_ylabel("prompts")
+    ax.set_ylabel("answers")
     ax.legend()
     ax.set_title("length before / after")
     paths.append(_save(fig, out / "length_hist.png"))
@@ -120,12 +146,19 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     lines = [f"win rate of the student vs the reference: {m['win_rate']:.3f} "
              f"(95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}; "
              f"wins/ties/losses {m['wins']}/{m['ties']}/{m['losses']})"]
+    if m.get("score_diff") is not None:
+        lines.append(f"score difference (student - reference): {m['score_diff']:+.3f} "
+                     f"(95% CI {m['score_diff_ci_low']:+.3f} to {m['score_diff_ci_high']:+.3f}); "
+                     f"prompts improved/worsened {m['improved']}/{m['worsened']} of {m['prompts']}")
     if "rule_score_model" in m:
-        lines.append(f"rule score {m['rule_score_reference']:.3f} -> {m['rule_score_model']:.3f}; "
+        lines.append(f"rule score {_fmt(m['rule_score_reference'])} -> {_fmt(m['rule_score_model'])}; "
                      f"meets every rule {m['rule_pass_rate_reference']:.3f} -> {m['rule_pass_rate_model']:.3f}; "
                      f"passes hard rules {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
-    lines.append(f"KL(student||reference): {m['kl_per_token']:.4f} per token, "
-                 f"{m['kl_per_sequence']:.3f} per sequence")
+    kl = (f"KL(student||reference): {m['kl_per_token']:.4f} per token, "
+          f"{m['kl_per_sequence']:.3f} per sequence")
+    if m.get("kl_caveat"):
+        kl += f" ({m['kl_caveat']})"
+    lines.append(kl)
     lines.append(f"mean length: {m['mean_length_reference']:.1f} -> {m['mean_length_model']:.1f} tokens; "
                  f"hit the cap {m['hit_length_cap_reference']:.2f} -> {m['hit_length_cap_model']:.2f}")
     return lines
