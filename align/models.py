@@ -10,8 +10,6 @@ folder in well under a second.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import importlib.util
 import json
@@ -19,11 +17,11 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.data.io import file_lock
 from align.errors import AlignError
 
 log = logging.getLogger(__name__)
@@ -121,7 +119,7 @@ def bundled_model_path(name: str) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
         return target
-    with _file_lock(cache_dir() / "models" / f".{name}.lock"):
+    with file_lock(cache_dir() / "models" / f".{name}.lock"):
         if not (target / "config.json").exists():  # another process may have finished meanwhile
             _convert_gguf(gguf_path, target)
     return target
@@ -143,17 +141,6 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -151,3 +151,21 @@ def test_the_llm_judge_compares_the_kth_answers_and_reports_no_score_difference(
     rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(len(r["outcomes"]) == len(r["judgements"]) == 2 for r in rows)
     assert all("p_model_better" in j for r in rows for j in r["judgements"])
+
+
+def test_two_evals_sharing_reference_answers_answer_once_and_score_the_same_reference(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    from align.eval import EvalConfig, run_eval
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    shared = tmp_path / "reference.jsonl"
+    metrics = []
+    for name in ("first", "second"):
+        config = EvalConfig(model=str(tiny_model_dir), reference=str(tiny_model_dir), prompts=HELDOUT,
+                            output_dir=tmp_path / name, judge=rules, max_new_tokens=8, reference_answers=shared)
+        metrics.append(run_eval(config).metrics)
+        assert not (tmp_path / name / "responses_reference.jsonl").exists()
+    rows = [json.loads(line) for line in shared.read_text().splitlines()]
+    assert len(rows) == len({r["prompt_id"] for r in rows}) == 40  # answered once, no duplicate from the second
+    assert metrics[0]["rule_score_reference"] == metrics[1]["rule_score_reference"]

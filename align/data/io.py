@@ -18,6 +18,7 @@ or row for columnar formats) so errors can point at it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import io
 import json
@@ -194,6 +195,19 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         else:
             tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) while the block runs: one process at a time."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def dumps(record: Any) -> str:

@@ -22,6 +22,7 @@ The student's k-th answer is compared with the reference's k-th. Then:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from pydantic import Field, model_validator
 
 from align.config import StrictConfig
 from align.errors import ConfigError
-from align.data.io import atomic_path, write_json
+from align.data.io import atomic_path, file_lock, write_json
 from align.data.records import CandidateSet, text_of
 from align.data.validate import read_records
 from align.eval.logprobs import completion_logprobs
@@ -67,6 +68,9 @@ class EvalConfig(StrictConfig):
     samples_per_prompt: int = Field(1, ge=1, description="answers per prompt and model; the k-th are compared")
     decoding: Literal["sample", "greedy"] = Field(
         "sample", description="sample (temperature, top_p) or greedy: one deterministic answer per prompt")
+    reference_answers: Path | None = Field(
+        None, description="where the reference's answers live, to share them between evals of several students "
+        "against one reference (same prompts and settings): written by the first, reused by the rest")
     seed: int = 0
     batch_size: int = Field(32, ge=1)
     report_to: list[Literal["wandb"]] = Field(default_factory=list)
@@ -105,14 +109,17 @@ def run_eval(config: EvalConfig) -> EvalResult:
     temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
     sampled = {}
     for role, spec, seed in (("model", config.model, config.seed), ("reference", config.reference, config.seed + 1)):
-        path = out / f"responses_{role}.jsonl"
+        shared = role == "reference" and config.reference_answers is not None
+        path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
         log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
                  role, spec, k, path)
-        _check_earlier_answers(path, k, config.greedy)
-        # Resumable like every stage: a rerun keeps what is already written.
-        generate(model=spec, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
-                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
-                 seed=seed, logprobs=0, batch_size=config.batch_size)
+        # Evals of several students may share the reference's answers at once: one writes, the others wait.
+        with file_lock(path.with_name(path.name + ".lock")) if shared else contextlib.nullcontext():
+            _check_earlier_answers(path, k, config.greedy)
+            # Resumable like every stage: a rerun keeps what is already written.
+            generate(model=spec, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
+                     temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
+                     seed=seed, logprobs=0, batch_size=config.batch_size)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
     prompt_ids = sorted(set(sampled["model"]) & set(sampled["reference"]))
 
