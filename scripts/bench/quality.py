@@ -1,0 +1,380 @@
+"""The quality suite: does a default align run make a student better on prompts it never saw, beside controls?
+
+For each preference task of ``datasets/quality/tasks.yaml`` (a user-style rules file, training prompts and
+disjoint held-out prompts):
+
+1. the bundled model, prompted with the task's hint, writes 4 candidates per training prompt (up to 48); the rules
+   label them; ``align pairs build`` with its defaults makes DPO pairs and KTO rows;
+2. students train for a fixed budget (40 optimizer steps of 4, LoRA, 2 CPU cores):
+   - ``align-dpo``: ``align train dpo`` with its defaults (3 seeds; one with ``--quick``),
+   - ``align-kto``: ``align train kto`` with its defaults on the unpaired rows of the same candidates,
+   - ``random``: align's DPO defaults on the same pairs with chosen/rejected swapped by a fair coin,
+   - ``trl-dpo``: plain TRL ``DPOTrainer`` with its defaults (LoRA r=16 on all linear layers, as align's);
+3. ``align eval`` puts each student against the reference (the model it started from) on the held-out
+   prompts, greedy and sampled (K answers per prompt at temperature 1), and the task's rules score every
+   answer: score before -> after with a prompt-clustered bootstrap 95% interval, answers improved/worsened,
+   length ratio, length-cap hits and KL(student || reference) per token.
+
+Every step writes its files under ``--work`` and is skipped when they exist, so a stopped run carries on.
+Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a reward-vs-KL plot beside it.
+
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # all tasks, ~90 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 3 tasks, 1 seed, ~20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS_FILE = REPO / "datasets" / "quality" / "tasks.yaml"
+RESULTS = REPO / "scripts" / "bench" / "results"
+MODEL = "bundled:smollm2-135m-instruct"
+
+STEPS, BATCH = 40, 4  # the fixed training budget of every method
+CANDIDATES, CANDIDATE_TOKENS = 4, 64
+EVAL_TOKENS = 96  # longer than the candidates: a student that rambles shows as length-cap hits
+METHODS = ("align-dpo", "align-kto", "random", "trl-dpo")
+QUICK_TASKS = ("concise", "caution", "list")
+
+log = logging.getLogger("quality")
+
+
+TRAIN_PROMPTS, HELDOUT_PROMPTS = 48, 24  # per task, at most (some tasks have fewer)
+SAMPLES_PER_PROMPT = 2  # sampled answers per held-out prompt and model, beside one greedy answer
+FULL_SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)  # align-dpo's seeds; --quick's runs are a subset of the full run's
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    rules: Path
+    train_prompts: Path
+    heldout_prompts: Path | None
+    heldout_every: int | None
+    teacher_system_prompt: str | None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Settings under test on top of align's defaults (none: the defaults themselves), for choosing defaults."""
+
+    train: tuple[tuple[str, Any], ...] = ()  # align train dpo/kto key=value (also the random control's)
+    pairs: tuple[tuple[str, Any], ...] = ()  # build_pairs keyword arguments
+
+    @property
+    def tag(self) -> str:
+        if not self.train and not self.pairs:
+            return "defaults"
+        from align.data.records import content_hash
+
+        return "variant-" + content_hash({"train": list(self.train), "pairs": list(self.pairs)}, 8)
+
+
+@dataclass(frozen=True)
+class Student:
+    task: str
+    method: str
+    seed: int
+    variant: Variant = Variant()
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-s{self.seed}"
+
+    def folder(self, work: Path) -> Path:
+        return work / self.task / self.variant.tag
+
+
+def load_tasks(path: Path = TASKS_FILE) -> list[Task]:
+    import yaml
+
+    base = path.parent
+    tasks = []
+    for name, spec in yaml.safe_load(path.read_text())["tasks"].items():
+        hint = spec.get("teacher_system_prompt")
+        if hint and hint.startswith("@"):
+            hint = "@" + str((base / hint[1:]).resolve())
+        tasks.append(Task(name, spec["kind"], (base / spec["rules"]).resolve(),
+                          (base / spec["train_prompts"]).resolve(),
+                          (base / spec["heldout_prompts"]).resolve() if spec.get("heldout_prompts") else None,
+                          spec.get("heldout_every"), hint))
+    return tasks
+
+
+# ----------------------------------------------------------------------------- data per task
+
+
+def split_prompts(task: Task, folder: Path) -> tuple[Path, Path]:
+    """The task's training and held-out prompt files (held-out prompts never train)."""
+    rows = [json.loads(line) for line in task.train_prompts.read_text().splitlines() if line.strip()]
+    if task.heldout_every:
+        heldout = [r for i, r in enumerate(rows, 1) if i % task.heldout_every == 0]
+        train = [r for i, r in enumerate(rows, 1) if i % task.heldout_every]
+    else:
+        heldout = [json.loads(line) for line in task.heldout_prompts.read_text().splitlines() if line.strip()]
+        train = rows
+    overlap = {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
+    if overlap:
+        raise SystemExit(f"task {task.name}: {len(overlap)} held-out prompts are also training prompts")
+    paths = folder / "train_prompts.jsonl", folder / "heldout_prompts.jsonl"
+    for path, chosen in zip(paths, (train[:TRAIN_PROMPTS], heldout[:HELDOUT_PROMPTS])):
+        if not path.exists():
+            path.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    return paths
+
+
+def random_labels(pairs: Path, output: Path, seed: int = 0) -> None:
+    """The control: the same pairs, chosen and rejected swapped by a fair coin per pair (seeded)."""
+    rng = random.Random(seed)
+    rows = []
+    for line in pairs.read_text().splitlines():
+        row = json.loads(line)
+        if rng.random() < 0.5:
+            row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
+        rows.append(json.dumps(row) + "\n")
+    output.write_text("".join(rows))
+
+
+def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
+    from align.data.pairs import build_pairs
+    from align.generate import generate
+    from align.label.stages import label_rules
+
+    folder = work / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    train_prompts, heldout_prompts = split_prompts(task, folder)
+    candidates = folder / "candidates.jsonl"
+    generate(model=MODEL, prompts=train_prompts, output=candidates, num_candidates=CANDIDATES,
+             system_prompt=task.teacher_system_prompt, temperature=1.0, top_p=0.95, max_new_tokens=CANDIDATE_TOKENS,
+             seed=0, progress=False)
+    judgements = folder / "judgements.jsonl"
+    if not judgements.exists():
+        label_rules(candidates, task.rules, judgements)
+    data = folder / variant.tag
+    data.mkdir(exist_ok=True)
+    pairs, unpaired = data / "pairs.jsonl", data / "unpaired.jsonl"
+    # align's defaults, as `align pairs build` has them, unless the variant says otherwise
+    built = build_pairs(judgements, pairs, unpaired=unpaired, **dict(variant.pairs))
+    random_labels(pairs, data / "pairs_random.jsonl")
+    scores = [json.loads(line)["score"] or 0.0 for line in judgements.read_text().splitlines()]
+    return {"task": task.name, "pairs": built.pairs, "unpaired": built.balance.n_desirable + built.balance.n_undesirable
+            if built.balance else 0, "candidate_score": sum(scores) / len(scores), "heldout": str(heldout_prompts)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_student(student: Student, work: Path) -> str:
+    folder = student.folder(work)
+    run_dir = folder / "runs" / student.name
+    if (run_dir / "run.json").exists() or (run_dir / "adapter" / "adapter_config.json").exists():
+        return str(run_dir)
+    budget = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "seed": student.seed,
+              "save_strategy": "no", "ref_cache_dir": str(work / "ref-cache"), **dict(student.variant.train)}
+    if student.method == "trl-dpo":
+        _train_plain_trl(folder / "pairs.jsonl", run_dir, student.seed)
+        return str(run_dir)
+    import align.train
+
+    if student.method == "align-dpo":
+        align.train.dpo(model=MODEL, data=str(folder / "pairs.jsonl"), output_dir=str(run_dir), **budget)
+    elif student.method == "align-kto":
+        align.train.kto(model=MODEL, data=str(folder / "unpaired.jsonl"), output_dir=str(run_dir), **budget)
+    elif student.method == "random":
+        align.train.dpo(model=MODEL, data=str(folder / "pairs_random.jsonl"), output_dir=str(run_dir), **budget)
+    else:
+        raise ValueError(f"unknown method {student.method}")
+    return str(run_dir)
+
+
+def _train_plain_trl(pairs: Path, run_dir: Path, seed: int) -> None:
+    """TRL's DPOTrainer as its docs show it: its defaults, a LoRA config like align's, the CPU switches."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from align.models import load_model, load_tokenizer
+
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
+    tokenizer = load_tokenizer(MODEL)
+    args = DPOConfig(output_dir=str(run_dir / "checkpoints"), max_steps=STEPS, per_device_train_batch_size=BATCH,
+                     seed=seed, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1)
+    trainer = DPOTrainer(model=load_model(MODEL), args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    trainer.train()
+    trainer.save_model(str(run_dir / "adapter"))
+    tokenizer.save_pretrained(str(run_dir / "adapter"))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in trainer.state.log_history))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_student(student: Student, work: Path) -> dict[str, Any]:
+    """``align eval`` of one student against the reference, sampled and greedy; the reference's answers are shared."""
+    from align.eval import EvalConfig, run_eval
+
+    folder = student.folder(work)
+    task = next(t for t in load_tasks() if t.name == student.task)
+    out: dict[str, Any] = {"task": student.task, "method": student.method, "seed": student.seed}
+    for decoding, k in (("sample", SAMPLES_PER_PROMPT), ("greedy", 1)):
+        eval_dir = folder / "eval" / student.name / decoding
+        shared = work / student.task / f"reference-{decoding}.jsonl"  # the same for every variant
+        config = EvalConfig(model=str(folder / "runs" / student.name), reference=MODEL,
+                            prompts=work / student.task / "heldout_prompts.jsonl", output_dir=eval_dir, judge=task.rules,
+                            max_new_tokens=EVAL_TOKENS, samples_per_prompt=k, decoding=decoding, seed=0,
+                            reference_answers=shared)
+        metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").exists() \
+            else run_eval(config).metrics
+        out[decoding] = {key: metrics.get(key) for key in (
+            "rule_score_reference", "rule_score_model", "score_diff", "score_diff_ci_low", "score_diff_ci_high",
+            "improved", "worsened", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "mean_length_model",
+            "mean_length_reference", "hit_length_cap_model", "hit_length_cap_reference", "kl_per_token")}
+        length = out[decoding]
+        length["length_ratio"] = (length["mean_length_model"] / length["mean_length_reference"]
+                                  if length["mean_length_reference"] else None)
+        out[decoding]["per_prompt_diff"] = _per_prompt_diffs(eval_dir / "per_prompt.jsonl")
+    out["diagnosis"] = _diagnosis(folder / "runs" / student.name)
+    return out
+
+
+def _per_prompt_diffs(path: Path) -> dict[str, float]:
+    """prompt id -> mean (student - reference) score over that prompt's answers."""
+    diffs = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        model, reference = row.get("model_scores") or [row.get("model_score")], \
+            row.get("reference_scores") or [row.get("reference_score")]
+        pairs = [(m or 0.0) - (r or 0.0) for m, r in zip(model, reference)]
+        diffs[row["prompt_id"]] = sum(pairs) / len(pairs)
+    return diffs
+
+
+def _diagnosis(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "diagnosis.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    os.environ["TQDM_DISABLE"] = "1"
+    logging.basicConfig(level=logging.WARNING)
+
+
+def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...], work: Path, jobs: int,
+            variant: Variant, prepare_only: bool = False) -> dict[str, Any]:
+    students = [Student(t.name, m, s, variant) for t in tasks for m in methods
+                for s in (seeds if m == "align-dpo" else (0,))]
+    # Each worker is one process with 1 thread when there are 2: on 2 cores two 2-thread torch jobs ran 10-25x
+    # slower than two 1-thread ones.
+    threads = 1 if jobs > 1 else (os.cpu_count() or 1)
+    started = time.time()
+    timings: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(threads,)) as pool:
+        t0 = time.time()
+        n = len(tasks)
+        prepared = list(pool.map(prepare_task, tasks, [work] * n, [variant] * n))
+        timings["candidates, labels, pairs"] = time.time() - t0
+        for row in prepared:
+            print(f"  {row['task']}: {row['pairs']} pairs, {row['unpaired']} KTO rows, "
+                  f"mean candidate score {row['candidate_score']:.3f}", file=sys.stderr, flush=True)
+        if prepare_only:
+            return {"prepared": prepared}
+        t0 = time.time()
+        _progress(pool, [pool.submit(train_student, s, work) for s in students], "trained", students)
+        timings["training"] = time.time() - t0
+        t0 = time.time()
+        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work) for s in students], "evaluated",
+                              students)
+        timings["evaluation"] = time.time() - t0
+    timings["total"] = time.time() - started
+    return {"prepared": prepared, "students": evaluated, "timings": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def _progress(pool: Any, futures: list[Any], verb: str, students: list[Student]) -> list[Any]:
+    results = []
+    for i, (future, student) in enumerate(zip(futures, students), 1):
+        results.append(future.result())
+        print(f"  [{i}/{len(futures)}] {verb} {student.task}/{student.name}", file=sys.stderr, flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="3 tasks and one DPO seed (~20 min)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: all, or the quick three)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seeds", help="DPO seeds, e.g. 0,1,2")
+    parser.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training setting to try instead of align's default (align-dpo, align-kto, random)")
+    parser.add_argument("--pairs", dest="pairs_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a build_pairs setting to try, e.g. strategy=all-pairs")
+    parser.add_argument("--prepare-only", action="store_true", help="candidates, labels and pairs only")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 thread each when > 1)")
+    parser.add_argument("--work", type=Path, help="work dir (default: /tmp/align-quality[-quick]); reused if present")
+    parser.add_argument("--out", type=Path, help="results JSON (default: scripts/bench/results/quality[-quick].json)")
+    args = parser.parse_args()
+
+    seeds = tuple(int(x) for x in args.seeds.split(",")) if args.seeds else QUICK_SEEDS if args.quick else FULL_SEEDS
+    tag = "quality-quick" if args.quick else "quality"
+    work = args.work or Path("/tmp/align-quality")  # shared: --quick's runs are reused by the full run
+    out = args.out or RESULTS / f"{tag}.json"
+    names = args.tasks.split(",") if args.tasks else (list(QUICK_TASKS) if args.quick else None)
+    tasks = [t for t in load_tasks() if names is None or t.name in names]
+    methods = tuple(args.methods.split(","))
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+
+    from quality_report import summarise, write_outputs
+
+    variant = Variant(tuple(_key_values(args.train_set)), tuple(_key_values(args.pairs_set)))
+    if variant.tag != "defaults" and not args.out:
+        out = out.with_name(f"{out.stem}-{variant.tag}.json")
+    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only)
+    if args.prepare_only:
+        return
+    summary = summarise(run["students"], seed=0)
+    meta = {"model": MODEL, "steps": STEPS, "batch": BATCH, "candidates": CANDIDATES, "seeds": list(seeds),
+            "train_prompts": TRAIN_PROMPTS, "heldout_prompts": HELDOUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
+            "tasks": {t.name: t.kind for t in tasks}, "methods": list(methods), "jobs": args.jobs,
+            "variant": {"tag": variant.tag, "train": dict(variant.train), "pairs": dict(variant.pairs)},
+            "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "timings_s": run["timings"],
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+    write_outputs(out, meta, run["prepared"], run["students"], summary)
+
+
+def _key_values(items: list[str]) -> list[tuple[str, Any]]:
+    import yaml
+
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+        pairs.append((key, yaml.safe_load(value)))
+    return sorted(pairs)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
