@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
+
 app = typer.Typer(help="Label candidates automatically: rules, an LLM judge; agreement between labelers.",
                   no_args_is_help=True)
 pairs_app = typer.Typer(help="Build DPO pairs and KTO rows from judgements.", no_args_is_help=True)
@@ -118,8 +120,8 @@ def agreement(
 def build(
     judgements: Path = typer.Argument(..., help="Judgements JSONL (rules, judge, or people)."),
     output: Path = typer.Option(..., "-o", "--output", help="Pairs file (prompt/chosen/rejected)."),
-    strategy: str = typer.Option("best-worst", "--strategy", help="best-worst, all-pairs or random-pair."),
-    min_margin: float = typer.Option(0.0, "--min-margin", help="Smallest score gap for a pair (ties never pair)."),
+    strategy: str = typer.Option(DEFAULT_STRATEGY, "--strategy", help="best-worst, all-pairs or random-pair."),
+    min_margin: float = typer.Option(DEFAULT_MIN_MARGIN, "--min-margin", help="Smallest score gap for a pair (ties never pair)."),
     near_duplicate: float = typer.Option(0.9, "--near-duplicate", help="Word-set Jaccard at which two answers "
                                                                          "count as the same (no pair)."),
     seed: int = typer.Option(0, "--seed", help="Seed for random-pair."),

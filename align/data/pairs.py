@@ -54,6 +54,9 @@ from align.errors import ConfigError, DataError
 
 Strategy = Literal["best-worst", "all-pairs", "random-pair"]
 STRATEGIES: tuple[str, ...] = ("best-worst", "all-pairs", "random-pair")
+# The defaults of `align pairs build`, the pipeline and build_pairs, in one place.
+DEFAULT_STRATEGY: Strategy = "best-worst"
+DEFAULT_MIN_MARGIN = 0.0
 TIE_EPSILON = 1e-9  # score differences this small are ties (float noise)
 
 # ----------------------------------------------------------------------------- KTO class balance (KTO paper, Eq. 8)
@@ -345,8 +348,8 @@ class PairsResult:
         return out
 
 
-def build_pairs(judgements_path: str | Path, output: str | Path, *, strategy: str = "best-worst",
-                min_margin: float = 0.0, near_duplicate: float = 0.9, seed: int = 0,
+def build_pairs(judgements_path: str | Path, output: str | Path, *, strategy: str = DEFAULT_STRATEGY,
+                min_margin: float = DEFAULT_MIN_MARGIN, near_duplicate: float = 0.9, seed: int = 0,
                 max_pairs_per_prompt: int | None = None, judge: str | None = None,
                 unpaired: str | Path | None = None, unpaired_by: str = "rank", desirable_min: float | None = None,
                 undesirable_max: float | None = None) -> PairsResult:
