@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup argilla-setup chromium test test-fast quickstart clean
+.PHONY: setup argilla-setup chromium test test-fast quickstart bench-quality bench-quality-quick clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,14 @@ test-fast: setup argilla-setup chromium
 # Set-up, then the whole loop (generate -> label -> pairs -> DPO -> eval) on the bundled model.
 quickstart: setup
 	$(BIN)/align pipeline run configs/quickstart.yaml
+
+# The quality suite (scripts/bench/quality.py): held-out gains of align's defaults beside random labels and plain
+# TRL. It takes both cores: the lock keeps it from running beside another benchmark or the tests.
+bench-quality: setup
+	flock /tmp/align-cpu.lock $(BIN)/python scripts/bench/quality.py
+
+bench-quality-quick: setup
+	flock /tmp/align-cpu.lock $(BIN)/python scripts/bench/quality.py --quick
 
 clean:
 	rm -rf $(VENV) .venv-argilla .pytest_cache build *.egg-info

@@ -25,6 +25,7 @@ Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -74,13 +75,27 @@ class Variant:
     pairs: tuple[tuple[str, Any], ...] = ()  # build_pairs keyword arguments
 
     @property
+    def is_defaults(self) -> bool:
+        return not self.train and not self.pairs
+
+    @functools.cached_property
     def tag(self) -> str:
-        if not self.train and not self.pairs:
-            return "defaults"
+        """Names the runs by the settings they take effect with, so that a variant that equals align's defaults
+        (once they have been changed to it) shares its runs with the defaults' run instead of training again."""
+        from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
         from align.data.records import content_hash
+        from align.train import load_train_config
+        from align.train.config import build_trl_args
 
-        return "variant-" + content_hash({"train": list(self.train), "pairs": list(self.pairs)}, 8)
-
+        effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
+                                               **dict(self.pairs)}}
+        for method in ("dpo", "kto"):
+            config = load_train_config(method, {"data": "-", "output_dir": "-", **dict(self.train)})
+            trl_args = json.loads(build_trl_args(config, "-", on_gpu=False, bf16_ok=False).to_json_string())
+            own = set(type(config).model_fields) - {"data", "output_dir"}  # TRL's keys are in trl_args
+            effective[method] = {"align": config.model_dump(mode="json", include=own),
+                                 "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
+        return "settings-" + content_hash(effective, 8)
 
 @dataclass(frozen=True)
 class Student:
@@ -169,7 +184,7 @@ def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
     built = build_pairs(judgements, pairs, unpaired=unpaired, **dict(variant.pairs))
     random_labels(pairs, data / "pairs_random.jsonl")
     scores = [json.loads(line)["score"] or 0.0 for line in judgements.read_text().splitlines()]
-    return {"task": task.name, "pairs": built.pairs, "unpaired": built.balance.n_desirable + built.balance.n_undesirable
+    return {"task": task.name, "pairs": built.pairs, "unpaired": built.balance.desirable + built.balance.undesirable
             if built.balance else 0, "candidate_score": sum(scores) / len(scores), "heldout": str(heldout_prompts)}
 
 
@@ -348,7 +363,7 @@ def main() -> None:
     from quality_report import summarise, write_outputs
 
     variant = Variant(tuple(_key_values(args.train_set)), tuple(_key_values(args.pairs_set)))
-    if variant.tag != "defaults" and not args.out:
+    if not variant.is_defaults and not args.out:
         out = out.with_name(f"{out.stem}-{variant.tag}.json")
     run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only)
     if args.prepare_only:

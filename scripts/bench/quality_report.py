@@ -69,7 +69,8 @@ def summarise(students: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str
             "cap_hits": _mean([m["sample"]["hit_length_cap_model"] for m in members]),
             "cap_hits_reference": _mean([m["sample"]["hit_length_cap_reference"] for m in members]),
             "kl_per_token": _mean([m["sample"]["kl_per_token"] for m in members]),
-            "memorising_warnings": sum(1 for m in members if (m.get("diagnosis") or {}).get("warnings")),
+            # align's own verdict after training (align.train.diagnosis), from its held-out reward accuracy
+            "memorised": sum(1 for m in members if (m.get("diagnosis") or {}).get("verdict") == "memorised"),
             "per_seed_gain": [m["sample"]["score_diff"] for m in members],
         }
         random_control = groups.get((task, "random"))
@@ -106,7 +107,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{_fmt(r['score_before']) + ' -> ' + _fmt(r['score_after']):>20} {interval:>24} "
                      f"{str(r['improved']) + '/' + str(r['worsened']):>7} {greedy:>24} {vs:>24} "
                      f"{_fmt(r['length_ratio'], 2):>6} {_fmt(r['cap_hits'], 2):>5} {_fmt(r['kl_per_token']):>7} "
-                     f"{r['memorising_warnings']:>5} {holds:>5}")
+                     f"{r['memorised']:>5} {holds:>5}")
     return "\n".join(lines)
 
 
@@ -130,8 +131,8 @@ def frontier_plot(students: list[dict[str, Any]], path: Path) -> Path:
                     fmt=markers[tasks.index(student["task"]) % len(markers)],
                     color=colours.get(student["method"], "black"), alpha=0.8, capsize=2)
     ax.axhline(0, color="black", linewidth=0.8)
-    for method, colour in colours.items():
-        ax.plot([], [], "s", color=colour, label=method)
+    for method in sorted({s["method"] for s in students}):
+        ax.plot([], [], "s", color=colours.get(method, "black"), label=method)
     for i, task in enumerate(tasks):
         ax.plot([], [], markers[i % len(markers)], color="black", fillstyle="none", label=task)
     ax.set_xlabel("KL(student || reference) per token, held-out samples")
