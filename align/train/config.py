@@ -13,7 +13,7 @@ import difflib
 import logging
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from align.config import StrictConfig, as_number
 from align.errors import ConfigError
@@ -49,7 +49,10 @@ class TrainConfig(StrictConfig):
     model: str = DEFAULT_MODEL
     data: str
     eval_data: str | None = None
-    eval_split: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of data held out for reward accuracy")
+    eval_split: float | Literal["auto"] = Field(
+        "auto", description="fraction of the prompts held out (prompt-disjoint) for reward accuracy before/after "
+        "training; 0: none. auto: 0.2 when the data has at least 20 distinct prompts, none otherwise "
+        "(align.train.data.AUTO_EVAL_MIN_PROMPTS); eval_data, when given, is used instead")
     output_dir: str
     reference: str = Field("base", description="'base' (the student's starting weights) or a model/run spec")
     lora: LoraSettings | None = Field(default_factory=LoraSettings, description="null for a full fine-tune")
@@ -78,6 +81,16 @@ class TrainConfig(StrictConfig):
         if isinstance(data, dict) and isinstance(data.get("lora"), bool):
             data = {**data, "lora": {} if data["lora"] else None}
         return data
+
+    @field_validator("eval_split", mode="before")
+    @classmethod
+    def _check_eval_split(cls, value: Any) -> Any:
+        if value == "auto":
+            return value
+        number = as_number(value)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 1:
+            raise ValueError("must be 'auto' or a fraction of the prompts in [0, 1) (0: none held out)")
+        return float(number)
 
     @model_validator(mode="after")
     def _check_trl_keys(self) -> "TrainConfig":

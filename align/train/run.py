@@ -15,7 +15,8 @@ from align.errors import ConfigError
 from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
 from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.config import TrainConfig, build_trl_args
-from align.train.data import load_training_data, sample_for_run, split_holdout
+from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
+                              sample_for_run, split_holdout)
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing
@@ -153,11 +154,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     extra_losses = [m.align_extra_loss for m in extra_mixins if getattr(m, "align_extra_loss", None)]
     args = build_trl_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported(),
                           extra_loss=", ".join(extra_losses) or None)
-    train_rows, heldout_rows = data.rows, []
-    if config.eval_data:
-        heldout_rows = load_training_data(config.eval_data, config.method).rows
-    elif config.eval_split:
-        train_rows, heldout_rows = split_holdout(data.rows, config.eval_split, args.seed)
+    train_rows, heldout_rows = _split_heldout(config, data.rows, args.seed)
     student = resolve_model(config.model)
     run_dir = prepare_run_dir(config.output_dir, resume)
     configure_wandb(list(args.report_to or []), str(run_dir))
@@ -212,7 +209,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     write_json(run_dir / "data.json", {
         "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
                   "rows_used": len(train_rows), "converted_from": data.converted_from},
-        "eval": {"path": config.eval_data, "rows": len(heldout_rows), "split": config.eval_split},
+        "eval": {"path": config.eval_data, "rows": len(heldout_rows), "prompts": count_prompts(heldout_rows),
+                 "split": config.eval_split},
     })
     write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
 
@@ -248,6 +246,22 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         write_json(run_dir / "run.json", {**asdict(result), "versions": {
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
     return result
+
+
+def _split_heldout(config: TrainConfig, rows: list[dict[str, Any]], seed: int) -> tuple[list, list]:
+    """(training rows, held-out rows): eval_data when given, else a prompt-disjoint eval_split of the data."""
+    if config.eval_data:
+        return rows, load_training_data(config.eval_data, config.method).rows
+    fraction = auto_eval_split(rows) if config.eval_split == "auto" else float(config.eval_split)
+    train_rows, heldout_rows = split_holdout(rows, fraction, seed)
+    if heldout_rows:
+        log.info("held out %d prompts (%d rows) for reward accuracy before/after training; eval_split=0 turns it off",
+                 count_prompts(heldout_rows), len(heldout_rows))
+    elif config.eval_split == "auto":
+        log.info("eval_split=auto: %d distinct prompts, too few to hold some out (auto needs %d); no held-out reward "
+                 "accuracy, so nothing will tell learning from memorising (eval_data gives one)",
+                 count_prompts(rows), AUTO_EVAL_MIN_PROMPTS)
+    return train_rows, heldout_rows
 
 
 def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
