@@ -17,6 +17,7 @@ from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
+from align.train.diagnosis import Diagnosis, diagnose
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing
@@ -41,6 +42,7 @@ class TrainResult:
     weights: str = ""
     plot: str | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # align.train.diagnosis: memorised, drifted (diagnosis.json)
 
 
 def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
@@ -231,15 +233,21 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     trainer.save_model(str(weights_dir))
     metrics = read_metrics(run_dir / "metrics.jsonl")
     losses = [m["loss"] for m in metrics if "loss" in m]
+    shape = _heldout_shape(heldout_rows, config.method, tokenizer, args.max_length)
+    if getattr(args, "ld_alpha", None) is not None:
+        shape.pop("completion_tokens", None)  # LD-DPO's log-probs down-weight long tails: not per-token sums
+    diagnosis = diagnose(eval_before, eval_after, metrics, **shape)
     result = TrainResult(
         run_dir=str(run_dir), method=config.method, steps=output.global_step, final_loss=losses[-1] if losses else None,
         reference=reference_text, ref_cache=(trainer.align_ref_report or {}).get("train"),
         eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
-        seconds=round(time.time() - started, 1),
+        seconds=round(time.time() - started, 1), warnings=diagnosis.warnings,
     )
     if trainer.accelerator.is_main_process:
         from align.plots import plot_training_curves
 
+        _report(diagnosis)
+        write_json(run_dir / "diagnosis.json", diagnosis.to_json())
         tokenizer.save_pretrained(str(weights_dir))
         plot = plot_training_curves(metrics, run_dir / "curves.png", title=f"{config.method.upper()} {run_dir.name}")
         result.plot = str(plot) if plot else None
@@ -262,6 +270,34 @@ def _split_heldout(config: TrainConfig, rows: list[dict[str, Any]], seed: int) -
                  "accuracy, so nothing will tell learning from memorising (eval_data gives one)",
                  count_prompts(rows), AUTO_EVAL_MIN_PROMPTS)
     return train_rows, heldout_rows
+
+
+def _heldout_shape(rows: list[dict[str, Any]], method: str, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    """The held-out set's size (pairs, or desirable/undesirable rows) and mean completion tokens per side, as
+    align.train.diagnosis takes them; TRL's truncation to max_length is approximated by cutting the completion."""
+    from align.train.preflight import tokenize_like_trl
+
+    if not rows:
+        return {}
+    sides: dict[str, list[int]] = {"chosen": [], "rejected": []}
+    for row in rows:
+        answers = ([("chosen", row["chosen"]), ("rejected", row["rejected"])] if method == "dpo"
+                   else [("chosen" if row["label"] else "rejected", row["completion"])])
+        for side, completion in answers:
+            prompt_ids, completion_ids = tokenize_like_trl(tokenizer, row["prompt"], completion)
+            room = len(completion_ids) if max_length is None else max(0, max_length - len(prompt_ids))
+            sides[side].append(min(len(completion_ids), room))
+    tokens = {side: sum(n) / len(n) for side, n in sides.items() if n}
+    size = {"pairs": len(rows)} if method == "dpo" else {"desirable": len(sides["chosen"]),
+                                                          "undesirable": len(sides["rejected"])}
+    return {"heldout": size, "completion_tokens": tokens}
+
+
+def _report(diagnosis: Diagnosis) -> None:
+    for warning in diagnosis.warnings:
+        log.warning("%s", warning)
+    for note in diagnosis.notes:
+        log.info("%s", note)
 
 
 def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
