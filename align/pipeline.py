@@ -298,8 +298,12 @@ def _train(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], 
                                      output_dir=str(paths["train"]))
     # A run stopped part-way continues from its last checkpoint.
     result = train(train_config, resume=True)
+    # Held-out figures before -> after and align.train.diagnosis's warnings (memorised, drifted), so the manifest
+    # says whether the student moved, not only that training ran.
+    heldout = {key: [result.eval_before.get(key), result.eval_after[key]]
+               for key in ("rewards/accuracies", "rewards/margins") if key in result.eval_after}
     return [Path(result.weights)], {"steps": result.steps, "final_loss": result.final_loss,
-                                    "ref_cache": result.ref_cache}
+                                    "ref_cache": result.ref_cache, "heldout": heldout, "warnings": result.warnings}
 
 
 def _eval(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
