@@ -23,6 +23,7 @@ from pydantic import Field
 
 from align.config import StrictConfig, load_config
 from align.data.io import atomic_path, sha256_of
+from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy
 from align.data.records import content_hash
 from align.errors import ConfigError
 
@@ -58,8 +59,8 @@ class PipelineWaiting(Exception):
 
 
 class PairSettings(StrictConfig):
-    strategy: Literal["best-worst", "all-pairs", "random-pair"] = "best-worst"
-    min_margin: float = 0.0
+    strategy: Strategy = DEFAULT_STRATEGY
+    min_margin: float = DEFAULT_MIN_MARGIN
     near_duplicate: float = 0.9
     max_pairs_per_prompt: int | None = None
 

@@ -126,7 +126,7 @@ def test_build_pairs_from_pointwise_judgements_writes_trl_rows_with_provenance(t
         pointwise("p3", "r0", "Green is a color.", 0.9, prompt=messages),
         pointwise("p3", "r1", "Colour: green", 0.3, prompt=messages),
     ])
-    result = build_pairs(judgements, tmp_path / "pairs.jsonl", unpaired=tmp_path / "kto.jsonl")
+    result = build_pairs(judgements, tmp_path / "pairs.jsonl", strategy="best-worst", unpaired=tmp_path / "kto.jsonl")
     assert result.pairs == 2 and result.prompts_without_pair == 1 and result.counts.ties == 1
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     first = pairs[0]

@@ -268,7 +268,8 @@ def test_micro_batches_give_the_same_steps_as_whole_batches(tiny_model_dir: Path
     for micro in (None, 1):
         result = align.train.dpo({"micro_batch_size": micro},  # a dict config keeps None (keywords drop it)
                                  **_settings(tiny_model_dir, pairs_file, tmp_path / f"micro-{micro}", isolated_cache,
-                                             max_steps=3, per_device_train_batch_size=4, save_strategy="no"))
+                                             max_steps=3, per_device_train_batch_size=4, save_strategy="no",
+                                             loss_type="sigmoid"))  # sft averages over the batch's tokens
         trl_args = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
         assert (trl_args["per_device_train_batch_size"], trl_args["gradient_accumulation_steps"]) == (
             (4, 1) if micro is None else (1, 4))
