@@ -12,12 +12,14 @@ from align.eval.stats import (
     WIN,
     bootstrap_ci,
     clustered_bootstrap_ci,
+    implicit_reward_summary,
     prompt_score_difference,
     summarise_outcomes,
     summarise_prompt_outcomes,
     summarise_score_differences,
     win_rate_of,
 )
+from align.train.heldout import margin_accuracy, reward_tie_tolerance
 
 
 def _outcomes(n: int, seed: int) -> list[float]:
@@ -98,3 +100,14 @@ def test_a_model_against_itself_scores_a_difference_of_exactly_zero() -> None:
     summary = summarise_score_differences(diffs)
     assert (summary.mean, summary.ci_low, summary.ci_high) == (0.0, 0.0, 0.0)
     assert (summary.improved, summary.worsened, summary.unchanged) == (0, 0, 3)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_eval_counts_implicit_reward_ties_as_training_does(beta: float) -> None:
+    # before training every margin is 0 up to float noise: both read 0.5, not eval's old 0 (ties as losses)
+    noise = reward_tie_tolerance(beta) / 2
+    margins = [0.0, noise, -noise, 1.0, -1.0, 2.0]
+    summary = implicit_reward_summary(margins, beta)
+    assert summary["accuracy"] == margin_accuracy(margins, tie_tolerance=reward_tie_tolerance(beta)) == 0.5 + 0.5 / 6
+    assert summary["ties"] == 3 and summary["margin"] == pytest.approx(2.0 / 6)
+    assert implicit_reward_summary([0.0] * 4, beta)["accuracy"] == 0.5

@@ -17,7 +17,7 @@ The student's k-th answer is compared with the reference's k-th. Then:
   E_y~student [log p_student(y|x) - log p_reference(y|x)], per sequence and per token
   (with greedy answers, or temperature / top_p not 1, a log-ratio with a ``kl_caveat``);
 * response length (tokens, words) and how often the length cap was hit;
-* implicit-reward accuracy and margin on held-out pairs, when given.
+* implicit-reward accuracy (ties half, as training counts them) and margin on held-out pairs, when given.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from align.data.validate import read_records
 from align.eval.logprobs import completion_logprobs
 from align.eval.stats import (
     compare_scores,
+    implicit_reward_summary,
     mean,
     prompt_score_difference,
     summarise_prompt_outcomes,
@@ -352,8 +353,7 @@ def _implicit_reward(config: EvalConfig) -> dict[str, Any]:
     reference = completion_logprobs(load_model(config.reference, merge_adapter=True), prompts, completions)
     rewards = [beta * (p - r) for (p, _), (r, _) in zip(policy, reference)]
     margins = [rewards[2 * i] - rewards[2 * i + 1] for i in range(len(rows))]
-    return {"pairs": len(rows), "beta": beta, "accuracy": mean([1.0 if m > 0 else 0.0 for m in margins]),
-            "ties": sum(1 for m in margins if m == 0), "margin": mean(margins)}
+    return {"pairs": len(rows), "beta": beta, **implicit_reward_summary(margins, beta)}
 
 
 def _run_beta(model: str) -> float:

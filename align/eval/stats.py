@@ -124,3 +124,16 @@ def compare_scores(model_score: float | None, reference_score: float | None, *, 
 
 def mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
+
+
+def implicit_reward_summary(margins: Sequence[float], beta: float) -> dict[str, float | int | None]:
+    """Accuracy, ties and mean of held-out implicit-reward margins (chosen - rejected), per pair.
+
+    The accuracy is training's held-out accuracy (``align.train.heldout.margin_accuracy``, ties
+    half, same tolerance), so a run's "after" figure and `align eval`'s read the same.
+    """
+    from align.train.heldout import margin_accuracy, reward_tie_tolerance
+
+    tolerance = reward_tie_tolerance(beta)
+    return {"accuracy": margin_accuracy(margins, tie_tolerance=tolerance),
+            "ties": sum(1 for m in margins if abs(m) <= tolerance), "margin": mean(margins)}

@@ -21,6 +21,17 @@ from collections.abc import Sequence
 from typing import Any
 
 
+# A log-prob gap under 1e-3 nats is a tie: policy and reference see differently padded batches, and on
+# 256-token dpo_en_demo pairs that noise passed 1e-4 nats for 1 pair in 32. Training's held-out accuracy
+# and `align eval`'s implicit-reward accuracy both use it, so one run reads the same in both places.
+TIE_TOLERANCE_NATS = 1e-3
+
+
+def reward_tie_tolerance(beta: float) -> float:
+    """The tie tolerance on implicit rewards (beta * log-ratio): ``TIE_TOLERANCE_NATS`` of log-prob, scaled by beta."""
+    return beta * TIE_TOLERANCE_NATS
+
+
 def pairwise_accuracy(rewards: Sequence[float], desirable: Sequence[bool], tie_tolerance: float = 0.0) -> float | None:
     """Share of (desirable, undesirable) pairs with reward_d > reward_u, ties (|difference| <= tolerance) half.
 
