@@ -241,7 +241,7 @@ def test_refusals_come_before_any_model_is_loaded(tiny_model_dir: Path, teacher_
 
 
 def test_a_model_is_its_own_teacher_with_zero_kl_and_full_agreement(tiny_model_dir: Path) -> None:
-    from align.eval.teacher import compare_with_teacher, teacher_answers
+    from align.train.distill.heldout import compare_with_teacher, teacher_answers
     from align.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
