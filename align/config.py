@@ -26,6 +26,23 @@ class StrictConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def text_or_file(value: str | None, what: str) -> str | None:
+    """A setting given as text, or as ``@path`` to read it from a file (stripped); None for unset or empty.
+
+    ``what`` names the setting in errors ("system prompt file prompts/sys.txt does not exist"). Raises
+    ValueError, so that a pydantic validator reports the field and the config's file:line around it.
+    """
+    if value is None or not value.startswith("@"):
+        return value or None
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{what} file {path} does not exist")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise ValueError(f"{what} file {path} is empty")
+    return text
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"lora.r=16"`` -> (["lora", "r"], 16). Values are read as YAML scalars/lists."""
     if "=" not in text:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from align.config import StrictConfig, load_config
+from align.config import StrictConfig, load_config, text_or_file
 from align.errors import ConfigError
 
 
@@ -85,3 +85,29 @@ def test_yes_no_stay_words_in_overrides() -> None:
 
     config = load_config(Saving, None, ["save_strategy=no", "flag=true"])
     assert config.save_strategy == "no" and config.flag is True
+
+
+def test_text_or_file_reads_at_paths_and_names_the_file_it_cannot_use(tmp_path: Path) -> None:
+    sys_prompt = tmp_path / "sys.txt"
+    sys_prompt.write_text("  Be brief.\n")
+    assert text_or_file(f"@{sys_prompt}", "system prompt") == "Be brief."
+    assert text_or_file("Be brief.", "system prompt") == "Be brief."
+    assert text_or_file("", "system prompt") is None and text_or_file(None, "system prompt") is None
+    with pytest.raises(ValueError, match=f"^rubric file {tmp_path / 'nope.txt'} does not exist$"):
+        text_or_file(f"@{tmp_path / 'nope.txt'}", "rubric")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="system prompt file .*empty.txt is empty"):
+        text_or_file(f"@{tmp_path / 'empty.txt'}", "system prompt")
+
+
+def test_every_at_file_setting_reads_through_the_one_reader(tmp_path: Path) -> None:
+    from align.cli.argilla import _guidelines
+    from align.cli.label import _rubric
+    from align.generate.config import GenerateConfig
+
+    missing = tmp_path / "missing.md"
+    for read, flag in ((_guidelines, "--guidelines"), (_rubric, "--rubric")):
+        with pytest.raises(ConfigError, match=f"{flag} @{missing}: .*file {missing} does not exist"):
+            read(f"@{missing}")
+    with pytest.raises(ValueError, match=f"system prompt file {missing} does not exist"):
+        GenerateConfig(prompts=tmp_path / "p.jsonl", output=tmp_path / "c.jsonl", system_prompt=f"@{missing}")

@@ -52,14 +52,13 @@ def status(home: Path = _HOME) -> None:
 
 
 def _guidelines(value: str | None) -> str | None:
-    if value and value.startswith("@"):
-        from align.errors import ConfigError
+    from align.config import text_or_file
+    from align.errors import ConfigError
 
-        path = Path(value[1:])
-        if not path.is_file():
-            raise ConfigError(f"--guidelines {value}: file {path} does not exist")
-        return path.read_text(encoding="utf-8")
-    return value
+    try:
+        return text_or_file(value, "guidelines")
+    except ValueError as exc:
+        raise ConfigError(f"--guidelines {value}: {exc}") from None
 
 
 @app.command()

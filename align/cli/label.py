@@ -34,14 +34,13 @@ def rules(
 
 
 def _rubric(value: str | None) -> str | None:
-    if value and value.startswith("@"):
-        from align.errors import ConfigError
+    from align.config import text_or_file
+    from align.errors import ConfigError
 
-        path = Path(value[1:])
-        if not path.is_file():
-            raise ConfigError(f"--rubric {value}: file {path} does not exist")
-        return path.read_text(encoding="utf-8").strip()
-    return value
+    try:
+        return text_or_file(value, "rubric")
+    except ValueError as exc:
+        raise ConfigError(f"--rubric {value}: {exc}") from None
 
 
 @app.command()

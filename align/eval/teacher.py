@@ -18,11 +18,11 @@ def teacher_metrics(config: Any, out: Path) -> dict[str, Any]:
     ``config.prompts``; per-prompt answers go to ``teacher_answers.jsonl`` in ``out``."""
     import json
 
+    from align.config import text_or_file
     from align.data.io import atomic_path
     from align.errors import ConfigError
     from align.generate.stage import read_prompts
     from align.models import load_model, load_tokenizer
-    from align.train.distill.config import system_prompt_text
     from align.train.distill.tokens import check_same_logit_width, check_same_vocabulary
 
     tokenizer = load_tokenizer(config.model)
@@ -30,7 +30,7 @@ def teacher_metrics(config: Any, out: Path) -> dict[str, Any]:
                           teacher_name=config.teacher)
     records = read_prompts(config.prompts)
     try:
-        system_prompt = system_prompt_text(config.teacher_system_prompt)
+        system_prompt = text_or_file(config.teacher_system_prompt, "system prompt")
     except ValueError as exc:
         raise ConfigError(f"teacher_system_prompt: {exc}") from None
     teacher = load_model(config.teacher, merge_adapter=True)

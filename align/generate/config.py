@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from align.config import StrictConfig
+from align.config import StrictConfig, text_or_file
 from align.models import DEFAULT_MODEL
 
 
@@ -79,15 +79,7 @@ class GenerateConfig(StrictConfig):
     @field_validator("system_prompt")
     @classmethod
     def _read_system_prompt(cls, value: str | None) -> str | None:
-        if value is None or not value.startswith("@"):
-            return value or None
-        path = Path(value[1:]).expanduser()
-        if not path.is_file():
-            raise ValueError(f"system prompt file {path} does not exist")
-        text = path.read_text(encoding="utf-8").strip()
-        if not text:
-            raise ValueError(f"system prompt file {path} is empty")
-        return text
+        return text_or_file(value, "system prompt")
 
     @model_validator(mode="after")
     def _check(self) -> "GenerateConfig":

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from align.config import StrictConfig, as_number
+from align.config import StrictConfig, as_number, text_or_file
 from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
 from align.train.config import LoraSettings, _check_simple_type
@@ -28,19 +28,6 @@ from align.train.distill.losses import SparseTail
 # GKDConfig fields that align sets from its own keys (a second way to say them would only confuse).
 _OWNED_BY_ALIGN = {"teacher_model_name_or_path": "teacher", "teacher_model_init_kwargs": "teacher",
                    "output_dir": "output_dir", "dataset_kwargs": None, "remove_unused_columns": None}
-
-
-def system_prompt_text(value: str | None) -> str | None:
-    """A system prompt given as text, or as ``@path`` to read it from a file (as `align generate` takes it)."""
-    if value is None or not value.startswith("@"):
-        return value or None
-    path = Path(value[1:]).expanduser()
-    if not path.is_file():
-        raise ValueError(f"system prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8").strip()
-    if not text:
-        raise ValueError(f"system prompt file {path} is empty")
-    return text
 
 
 class DistillConfig(StrictConfig):
@@ -73,7 +60,7 @@ class DistillConfig(StrictConfig):
     @field_validator("teacher_system_prompt")
     @classmethod
     def _read_system_prompt(cls, value: str | None) -> str | None:
-        return system_prompt_text(value)
+        return text_or_file(value, "system prompt")
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":

@@ -21,8 +21,8 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from align.config import text_or_file
 from align.train.config import TrainConfig
-from align.train.distill.config import system_prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class PreferenceDistillConfig(TrainConfig):
     @field_validator("teacher_system_prompt")
     @classmethod
     def _read_system_prompt(cls, value: str | None) -> str | None:
-        return system_prompt_text(value)
+        return text_or_file(value, "system prompt")
 
     @model_validator(mode="after")
     def _check_distill(self) -> "PreferenceDistillConfig":
