@@ -304,6 +304,16 @@ def test_micro_batch_settings() -> None:
         align.train.load_train_config("dpo", {"data": "p", "output_dir": "o"}, overrides=["micro_batch_size=0"])
 
 
+def test_gradient_checkpointing_is_off_unless_asked_for(tmp_path: Path) -> None:
+    from align.train.config import TrainConfig, align_trl_defaults, build_trl_args
+
+    # TRL turns it on by default; align keeps it off on every device (its cost is time, the models here fit)
+    for on_gpu in (False, True):
+        assert align_trl_defaults("dpo", on_gpu=on_gpu, bf16_ok=on_gpu)["gradient_checkpointing"] is False
+    asked = TrainConfig(data="p.jsonl", output_dir="o", gradient_checkpointing=True)
+    assert build_trl_args(asked, str(tmp_path), on_gpu=False, bf16_ok=False).gradient_checkpointing is True
+
+
 def test_short_runs_sample_their_rows_and_kto_samples_keep_the_class_shares() -> None:
     import random
 

@@ -178,8 +178,7 @@ def _check_simple_type(key: str, value: Any, annotation: Any) -> None:
         raise ValueError(f"'{key}' must be true or false, got {value!r}")
 
 
-def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool = True,
-                       num_params: int | None = None) -> dict[str, Any]:
+def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool = True) -> dict[str, Any]:
     """align's defaults over TRL's, each for a reason.
 
     - The reference is computed once (``precompute_ref_log_probs``) and cached on
@@ -187,7 +186,7 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       memory.
     - Gradient checkpointing (TRL's default) recomputes every activation in the
       backward pass; for models that fit comfortably it only costs time, so it is
-      on only for large models on a GPU. ``selective_recompute: true`` keeps each
+      off (``gradient_checkpointing: true`` turns it on). ``selective_recompute: true`` keeps each
       layer's matmul and attention outputs and recomputes only the element-wise
       rest (align.train.recompute): less memory, but slower steps on a CPU, so it
       is off unless asked for.
@@ -204,12 +203,11 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
     - Logging every step to a local metrics file and keeping two checkpoints makes
       curves readable and resume possible.
     """
-    big = num_params is not None and num_params > 1_500_000_000
     defaults: dict[str, Any] = {
         "precompute_ref_log_probs": True,
         # KTO keeps the rate it had until the suite has measured it (README, quality section)
         "learning_rate": (2e-4 if method == "dpo" else 5e-5) if lora else 5e-6,
-        "gradient_checkpointing": bool(on_gpu and big),
+        "gradient_checkpointing": False,
         "logging_steps": 1,
         "save_strategy": "steps",
         "save_steps": 50,
@@ -229,11 +227,10 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
 
 
 def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: bool,
-                   num_params: int | None = None, extra_loss: str | None = None) -> Any:
+                   extra_loss: str | None = None) -> Any:
     """The TRL config object: align's defaults, then the user's explicit settings (``extra_loss``: see
     :func:`resolve_micro_batch`)."""
-    args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None,
-                              num_params=num_params)
+    args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"
     micro = resolve_micro_batch(config, args, on_gpu=on_gpu, extra_loss=extra_loss)
