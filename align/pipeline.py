@@ -1,15 +1,18 @@
 """`align pipeline run CONFIG.yaml`: generate -> label -> pairs -> train -> eval, from one config.
 
 Every stage writes into the run dir and records itself in ``manifest.json``:
-its inputs (with SHA-256), the hash of its settings, its outputs, timings and
-library versions. A rerun skips a finished stage whose inputs and settings are
-unchanged; a stage that was stopped part-way is run again and carries on from
-what it had written (each stage is resumable on its own); ``--from STAGE``
-reruns that stage and everything after it.
+its inputs (with SHA-256), the hash of its settings, its outputs by name, timings
+and library versions. A later stage takes its inputs from those named outputs
+(eval scores the weights the train stage says it wrote, adapter or full model),
+so a rerun that skips a stage still chains the same files. A rerun skips a
+finished stage whose inputs and settings are unchanged; a stage that was stopped
+part-way is run again and carries on from what it had written (each stage is
+resumable on its own); ``--from STAGE`` reruns that stage and everything after it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -23,9 +26,10 @@ from pydantic import Field
 
 from align.config import StrictConfig, load_config
 from align.data.io import atomic_path, sha256_of
-from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy
+from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy, build_pairs
 from align.data.records import content_hash
 from align.errors import ConfigError
+from align.label.judge import JudgeSettings, Mode
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class LabelSettings(StrictConfig):
     judge_model: str | None = None
     judge_base_url: str | None = None
     judge_api_key_env: str | None = None
-    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    mode: Mode = JudgeSettings.mode  # the judge's own default
     argilla: PeopleSettings | None = None
 
 
@@ -58,11 +62,18 @@ class PipelineWaiting(Exception):
     """A stage waits for people; run the pipeline again later to carry on."""
 
 
+def _default_of(function: Callable[..., Any], keyword: str) -> Any:
+    """A stage function's own default for ``keyword``, so the pipeline's section cannot drift from the stage."""
+    return inspect.signature(function).parameters[keyword].default
+
+
 class PairSettings(StrictConfig):
+    """The keywords of :func:`align.data.pairs.build_pairs` a pipeline may set, with build_pairs' defaults."""
+
     strategy: Strategy = DEFAULT_STRATEGY
     min_margin: float = DEFAULT_MIN_MARGIN
-    near_duplicate: float = 0.9
-    max_pairs_per_prompt: int | None = None
+    near_duplicate: float = _default_of(build_pairs, "near_duplicate")
+    max_pairs_per_prompt: int | None = _default_of(build_pairs, "max_pairs_per_prompt")
 
 
 class PipelineConfig(StrictConfig):
@@ -76,11 +87,19 @@ class PipelineConfig(StrictConfig):
 
 
 @dataclass
+class StageOutput:
+    """What a stage hands on: its output files by name (later stages take their inputs from these) and a summary."""
+
+    files: dict[str, Path]
+    summary: dict[str, Any]
+
+
+@dataclass
 class StageRecord:
     status: str
     inputs: dict[str, str]
     settings_hash: str
-    outputs: list[str]
+    outputs: dict[str, str]  # name -> path, as the stage's StageOutput named them
     started: float
     finished: float | None = None
     seconds: float | None = None
@@ -104,17 +123,37 @@ class Manifest:
     def __init__(self, run_dir: Path):
         self.path = run_dir / "manifest.json"
         self.stages: dict[str, dict[str, Any]] = json.loads(self.path.read_text())["stages"] if self.path.exists() else {}
+        for stage, record in self.stages.items():
+            record["outputs"] = _named_outputs(stage, record.get("outputs") or {})
 
     def is_current(self, stage: str, inputs: dict[str, str], settings_hash: str) -> bool:
         record = self.stages.get(stage)
         return bool(record and record["status"] == "done" and record["inputs"] == inputs
                     and record["settings_hash"] == settings_hash
-                    and all(Path(o).exists() for o in record["outputs"]))
+                    and all(Path(o).exists() for o in record["outputs"].values()))
+
+    def output(self, stage: str, name: str) -> Path:
+        """The file ``stage`` named ``name`` when it last finished."""
+        record = self.stages.get(stage)
+        if not record or record["status"] != "done" or name not in record["outputs"]:
+            raise ConfigError(f"stage {stage} has not finished, so it has no {name} yet: rerun the pipeline "
+                              f"with --from {stage}")
+        return Path(record["outputs"][name])
 
     def save(self, stage: str, record: StageRecord) -> None:
         self.stages[stage] = record.__dict__
         with atomic_path(self.path) as tmp:
             tmp.write_text(json.dumps({"stages": self.stages}, indent=1, default=str) + "\n")
+
+
+def _named_outputs(stage: str, outputs: dict[str, str] | list[str]) -> dict[str, str]:
+    """A manifest written before stages named their outputs holds a list; name its entries so that a run dir
+    from then carries on without redoing its stages. The train stage's only output was its weights folder."""
+    if isinstance(outputs, dict):
+        return outputs
+    if stage == "train":
+        return {"weights": outputs[0], "run_dir": str(Path(outputs[0]).parent)} if outputs else {}
+    return {Path(o).stem: o for o in outputs}
 
 
 @dataclass
@@ -131,14 +170,11 @@ def check_sections(config: PipelineConfig) -> None:
     """Validate every stage's settings up front: a typo in `train` fails now, not after generation."""
     from align.eval import EvalConfig
     from align.generate import GenerateConfig
-    from align.train import load_train_config
 
     run = config.run_dir
     for name, check in (
         ("generate", lambda: load_config(GenerateConfig, None, (), defaults={**config.generate, "output": run / "c"})),
-        ("train", lambda: load_train_config(config.train.get("method", "dpo"),
-                                            {k: v for k, v in config.train.items() if k != "method"},
-                                            data=str(run / "pairs.jsonl"), output_dir=str(run / "train"))),
+        ("train", lambda: _train_config(config, _paths(run))),
         ("eval", lambda: load_config(EvalConfig, None, (), defaults={"model": "m", "reference": "r",
                                                                       "output_dir": run / "eval", **config.eval})),
     ):
@@ -148,6 +184,27 @@ def check_sections(config: PipelineConfig) -> None:
             raise ConfigError(f"section '{name}': {exc}") from None
 
 
+def _paths(run: Path) -> dict[str, Path]:
+    """Where the pipeline asks each stage to write (a stage's result then names what it wrote there)."""
+    return {"candidates": run / "candidates.jsonl", "judgements": run / "judgements.jsonl",
+            "pairs": run / "pairs.jsonl", "unpaired": run / "unpaired.jsonl", "train": run / "train",
+            "eval": run / "eval"}
+
+
+def _train_method(config: PipelineConfig) -> str:
+    return config.train.get("method", "dpo")
+
+
+def _train_config(config: PipelineConfig, paths: dict[str, Path]) -> Any:
+    """The train section as the train stage's own TrainConfig (its defaults, its validation)."""
+    from align.train import load_train_config
+
+    method = _train_method(config)
+    data = paths["pairs"] if method == "dpo" else paths["unpaired"]
+    settings = {"seed": config.seed, **{k: v for k, v in config.train.items() if k != "method"}}
+    return load_train_config(method, settings, data=str(data), output_dir=str(paths["train"]))
+
+
 def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> PipelineResult:
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"unknown stage {from_stage!r}: choose one of {', '.join(STAGES)}")
@@ -155,33 +212,32 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
     run = config.run_dir
     run.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run)
-    paths = {"candidates": run / "candidates.jsonl", "judgements": run / "judgements.jsonl",
-             "pairs": run / "pairs.jsonl", "unpaired": run / "unpaired.jsonl", "train": run / "train",
-             "eval": run / "eval"}
-    method = config.train.get("method", "dpo")
+    paths = _paths(run)
     prompts = Path(config.generate.get("prompts", ""))
-    stage_inputs: dict[str, dict[str, Path]] = {
-        "generate": {"prompts": prompts},
-        "label": {"candidates": paths["candidates"]},
-        "pairs": {"judgements": paths["judgements"]},
-        "train": {"data": paths["pairs"] if method == "dpo" else paths["unpaired"]},
-        "eval": {"weights": paths["train"] / ("model" if config.train.get("lora") is False else "adapter"),
-                 "prompts": Path(config.eval.get("prompts", ""))},
+    # Each stage's inputs, read when the stage comes up: the earlier stages' named outputs, as the manifest
+    # holds them whether those stages ran now or were skipped as up to date.
+    stage_inputs: dict[str, Callable[[], dict[str, Path]]] = {
+        "generate": lambda: {"prompts": prompts},
+        "label": lambda: {"candidates": manifest.output("generate", "candidates")},
+        "pairs": lambda: {"judgements": manifest.output("label", "judgements")},
+        "train": lambda: {"data": manifest.output("pairs", "pairs" if _train_method(config) == "dpo" else "unpaired")},
+        "eval": lambda: {"weights": manifest.output("train", "weights"),
+                         "prompts": Path(config.eval.get("prompts", ""))},
     }
     settings: dict[str, Any] = {"generate": config.generate, "label": config.label.model_dump(mode="json"),
                                 "pairs": config.pairs.model_dump(mode="json"), "train": config.train,
                                 "eval": config.eval}
-    runners: dict[str, Callable[[], tuple[list[Path], dict[str, Any]]]] = {
+    runners: dict[str, Callable[[], StageOutput]] = {
         "generate": lambda: _generate(config, paths),
         "label": lambda: _label(config, paths),
         "pairs": lambda: _pairs(config, paths),
         "train": lambda: _train(config, paths),
-        "eval": lambda: _eval(config, paths),
+        "eval": lambda: _eval(config, paths, manifest.output("train", "run_dir")),
     }
     ran, skipped = [], []
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for stage in STAGES:
-        inputs = {name: _hash_input(path, stage) for name, path in stage_inputs[stage].items()}
+        inputs = {name: _hash_input(path, stage) for name, path in stage_inputs[stage]().items()}
         settings_hash = content_hash({"settings": settings[stage], "seed": config.seed}, 32)
         if stage not in forced and manifest.is_current(stage, inputs, settings_hash):
             log.info("stage %s: up to date, skipped", stage)
@@ -192,19 +248,20 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
             _clear_outputs(stage, paths)
         log.info("stage %s: running", stage)
         started = time.time()
-        manifest.save(stage, StageRecord("running", inputs, settings_hash, [], started, versions=_versions()))
+        manifest.save(stage, StageRecord("running", inputs, settings_hash, {}, started, versions=_versions()))
         try:
-            outputs, summary = runners[stage]()
+            output = runners[stage]()
         except PipelineWaiting as waiting:
-            manifest.save(stage, StageRecord("waiting", inputs, settings_hash, [], started, versions=_versions(),
+            manifest.save(stage, StageRecord("waiting", inputs, settings_hash, {}, started, versions=_versions(),
                                              summary={"message": str(waiting)}))
             return PipelineResult(str(run), ran, skipped, {}, None, waiting=str(waiting))
         finished = time.time()
-        manifest.save(stage, StageRecord("done", inputs, settings_hash, [str(o) for o in outputs], started, finished,
-                                         round(finished - started, 2), summary, _versions()))
+        manifest.save(stage, StageRecord("done", inputs, settings_hash, {k: str(v) for k, v in output.files.items()},
+                                         started, finished, round(finished - started, 2), output.summary,
+                                         _versions()))
         ran.append(stage)
-    eval_metrics = json.loads((paths["eval"] / "metrics.json").read_text())
-    return PipelineResult(str(run), ran, skipped, eval_metrics, str(paths["eval"] / "report.md"))
+    eval_metrics = json.loads(manifest.output("eval", "metrics").read_text())
+    return PipelineResult(str(run), ran, skipped, eval_metrics, str(manifest.output("eval", "report")))
 
 
 def _hash_input(path: Path, stage: str) -> str:
@@ -225,22 +282,23 @@ def _clear_outputs(stage: str, paths: dict[str, Path]) -> None:
             path.unlink()
 
 
-def _generate(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+def _generate(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
     from align.generate import generate
 
     settings = {"seed": config.seed, **config.generate, "output": paths["candidates"]}
     result = generate(**settings)
-    return [paths["candidates"]], {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))}
+    return StageOutput({"candidates": Path(result.output)},
+                       {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))})
 
 
-def _label(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+def _label(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
     from align.label.stages import label_judge, label_rules
 
     label = config.label
     if label.argilla is not None:
         return _label_with_people(config, paths)
     if label.judge_model:
-        from align.label.judge import JudgeSettings, make_backend
+        from align.label.judge import make_backend
 
         backend = make_backend(label.judge_model, base_url=label.judge_base_url, api_key_env=label.judge_api_key_env)
         result = label_judge(paths["candidates"], paths["judgements"], backend=backend,
@@ -249,10 +307,10 @@ def _label(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], 
         result = label_rules(paths["candidates"], label.rules, paths["judgements"])
     else:
         raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
-    return [paths["judgements"]], {"written": result.written, "labels": dict(result.labels)}
+    return StageOutput({"judgements": paths["judgements"]}, {"written": result.written, "labels": dict(result.labels)})
 
 
-def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
     from align.argilla.loop import label_with_people
     from align.argilla.settings import resolve_settings
 
@@ -262,8 +320,7 @@ def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> tuple[
     if config.label.rules or config.label.judge_model:
         auto = config.label.model_copy(update={"argilla": None})
         auto_paths = {**paths, "judgements": paths["judgements"].with_name("judgements_auto.jsonl")}
-        _label(config.model_copy(update={"label": auto}), auto_paths)
-        suggestions = auto_paths["judgements"]
+        suggestions = _label(config.model_copy(update={"label": auto}), auto_paths).files["judgements"]
     result = label_with_people(paths["candidates"], people.dataset, paths["judgements"],
                                resolve_settings(workspace=people.workspace), target=people.target,
                                wait_seconds=people.wait_seconds, judgements_path=suggestions, task=people.task,
@@ -273,51 +330,46 @@ def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> tuple[
         log.info("%s", line)
     if not result.done:
         raise PipelineWaiting(result.lines()[-1])
-    return [paths["judgements"]], {"submitted": result.submitted, "target": result.target}
+    return StageOutput({"judgements": paths["judgements"]}, {"submitted": result.submitted, "target": result.target})
 
 
-def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
-    from align.data.pairs import build_pairs
-
-    p = config.pairs
-    result = build_pairs(paths["judgements"], paths["pairs"], strategy=p.strategy, min_margin=p.min_margin,
-                         near_duplicate=p.near_duplicate, seed=config.seed, max_pairs_per_prompt=p.max_pairs_per_prompt,
-                         unpaired=paths["unpaired"])
+def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
+    result = build_pairs(paths["judgements"], paths["pairs"], seed=config.seed, unpaired=paths["unpaired"],
+                         **config.pairs.model_dump())
     for line in result.lines():
         log.info("%s", line)
-    return [paths["pairs"], paths["unpaired"]], {"pairs": result.pairs, "prompts": result.prompts}
+    assert result.unpaired_output is not None  # asked for above: KTO trains on it
+    return StageOutput({"pairs": Path(result.output), "unpaired": Path(result.unpaired_output)},
+                       {"pairs": result.pairs, "prompts": result.prompts})
 
 
-def _train(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
-    from align.train import load_train_config
+def _train(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
     from align.train.run import train
 
-    settings = dict(config.train)
-    method = settings.pop("method", "dpo")
-    data = paths["pairs"] if method == "dpo" else paths["unpaired"]
-    train_config = load_train_config(method, {"seed": config.seed, **settings}, data=str(data),
-                                     output_dir=str(paths["train"]))
     # A run stopped part-way continues from its last checkpoint.
-    result = train(train_config, resume=True)
+    result = train(_train_config(config, paths), resume=True)
     # Held-out figures before -> after and align.train.diagnosis's warnings (memorised, drifted), so the manifest
     # says whether the student moved, not only that training ran.
     heldout = {key: [result.eval_before.get(key), result.eval_after[key]]
                for key in ("rewards/accuracies", "rewards/margins") if key in result.eval_after}
-    return [Path(result.weights)], {"steps": result.steps, "final_loss": result.final_loss,
-                                    "ref_cache": result.ref_cache, "heldout": heldout, "warnings": result.warnings}
+    # The run says where its weights are (adapter/ for LoRA, model/ for a full fine-tune); eval reads it from here.
+    return StageOutput({"weights": Path(result.weights), "run_dir": Path(result.run_dir)},
+                       {"steps": result.steps, "final_loss": result.final_loss, "ref_cache": result.ref_cache,
+                        "heldout": heldout, "warnings": result.warnings})
 
 
-def _eval(config: PipelineConfig, paths: dict[str, Path]) -> tuple[list[Path], dict[str, Any]]:
+def _eval(config: PipelineConfig, paths: dict[str, Path], train_run: Path) -> StageOutput:
     from align.eval import EvalConfig, run_eval
 
-    from align.models import DEFAULT_MODEL
-
-    settings = {"seed": config.seed, "reference": config.train.get("model", DEFAULT_MODEL),
-                **config.eval, "model": str(paths["train"]), "output_dir": paths["eval"]}
+    # The student is the train stage's run dir: the model layer loads the weights it holds, and eval reads the
+    # run's beta from it. The reference is where that run started.
+    settings = {"seed": config.seed, "reference": _train_config(config, paths).model,
+                **config.eval, "model": str(train_run), "output_dir": paths["eval"]}
     result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
     m = result.metrics
-    return [paths["eval"] / "metrics.json", paths["eval"] / "report.md"], {
-        k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")}
+    # EvalResult names its report but not its metrics file, which eval writes beside it in output_dir.
+    return StageOutput({"metrics": Path(result.output_dir) / "metrics.json", "report": Path(result.report)}, {
+        k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")})
 
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

@@ -1,4 +1,5 @@
-"""`align pipeline run`: a stage interrupted in training finishes on rerun without redoing earlier stages."""
+"""`align pipeline run`: a stage interrupted in training finishes on rerun without redoing earlier stages; the
+stages chain the files each one says it wrote (a full fine-tune's weights, not an adapter)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ from pathlib import Path
 
 import yaml
 
+from align.data.io import sha256_of
+from align.models import resolve_model
+from align.pipeline import Manifest, load_pipeline_config, run_pipeline
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _config(tmp_path: Path, tiny_model_dir: Path) -> Path:
+def _config(tmp_path: Path, tiny_model_dir: Path, **train: object) -> Path:
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say something about topic {i}."}) + "\n"
                                for i in range(12)))
@@ -28,7 +33,8 @@ def _config(tmp_path: Path, tiny_model_dir: Path) -> Path:
         "label": {"rules": str(rules)},
         "pairs": {"strategy": "best-worst"},
         "train": {"method": "dpo", "model": str(tiny_model_dir), "max_steps": 10, "save_steps": 2,
-                  "per_device_train_batch_size": 2, "max_length": 96, "ref_cache_dir": str(tmp_path / "cache")},
+                  "per_device_train_batch_size": 2, "max_length": 96, "ref_cache_dir": str(tmp_path / "cache"),
+                  **train},
         "eval": {"prompts": str(prompts), "judge": str(rules), "max_new_tokens": 12},
     }
     path = tmp_path / "pipeline.yaml"
@@ -72,3 +78,38 @@ def test_pipeline_killed_in_training_resumes_without_redoing_earlier_stages(tiny
     # A third run has nothing left to do.
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "stages run: none" in again.stdout
+
+
+def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # lora: null is a full fine-tune: the run writes model/, no adapter/, and eval must score those weights.
+    config = load_pipeline_config(_config(tmp_path, tiny_model_dir, lora=None, max_steps=2, save_steps=10))
+    run = tmp_path / "run"
+    first = run_pipeline(config)
+    assert first.ran == ["generate", "label", "pairs", "train", "eval"]
+    weights = run / "train" / "model"
+    assert (weights / "config.json").exists() and not (run / "train" / "adapter").exists()
+    assert sha256_of(weights / "model.safetensors") != sha256_of(tiny_model_dir / "model.safetensors")
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["train"]["outputs"]["weights"] == str(weights)
+    assert stages["eval"]["inputs"]["weights"] == sha256_of(weights)
+    scored = resolve_model(first.eval_metrics["model"])
+    assert (scored.kind, Path(scored.path), scored.adapter) == ("local", weights, None)
+
+    # Rerunning eval alone (train skipped as up to date) still finds the weights, through the manifest.
+    again = run_pipeline(config, from_stage="eval")
+    assert again.ran == ["eval"] and again.skipped == ["generate", "label", "pairs", "train"]
+    assert resolve_model(again.eval_metrics["model"]).path == str(weights)
+
+
+def test_a_manifest_from_before_named_outputs_still_chains_its_stages(tmp_path: Path) -> None:
+    # Run dirs written when outputs were a list carry on: nothing is redone for want of a name.
+    stages = {"pairs": {"status": "done", "outputs": [str(tmp_path / "pairs.jsonl"), str(tmp_path / "unpaired.jsonl")]},
+              "train": {"status": "done", "outputs": [str(tmp_path / "train" / "model")]},
+              "eval": {"status": "done", "outputs": [str(tmp_path / "eval" / "metrics.json"),
+                                                     str(tmp_path / "eval" / "report.md")]}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}))
+    manifest = Manifest(tmp_path)
+    assert manifest.output("pairs", "unpaired") == tmp_path / "unpaired.jsonl"
+    assert manifest.output("train", "weights") == tmp_path / "train" / "model"
+    assert manifest.output("train", "run_dir") == tmp_path / "train"
+    assert manifest.output("eval", "metrics") == tmp_path / "eval" / "metrics.json"
