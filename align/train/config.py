@@ -18,6 +18,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from align.config import StrictConfig, as_number
 from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
+from align.versions import check_tested_versions
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
                    extra_loss: str | None = None) -> Any:
     """The TRL config object: align's defaults, then the user's explicit settings (``extra_loss``: see
     :func:`resolve_micro_batch`)."""
+    check_tested_versions()  # every DPO/KTO run passes here before a model is loaded (align.versions: why)
     args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"

@@ -24,6 +24,7 @@ from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
 from align.train.config import LoraSettings, _check_simple_type
 from align.train.distill.losses import SparseTail
+from align.versions import check_tested_versions
 
 # GKDConfig fields that align sets from its own keys (a second way to say them would only confuse).
 _OWNED_BY_ALIGN = {"teacher_model_name_or_path": "teacher", "teacher_model_init_kwargs": "teacher",
@@ -137,6 +138,7 @@ def build_gkd_args(config: DistillConfig, run_dir: str | Path, *, on_gpu: bool, 
     """The TRL ``GKDConfig``: align's defaults, then the user's explicit settings."""
     from trl.experimental.gkd import GKDConfig
 
+    check_tested_versions()  # every distillation run passes here before a model is loaded (align.versions: why)
     args = distill_trl_defaults(config, on_gpu=on_gpu, bf16_ok=bf16_ok)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"
