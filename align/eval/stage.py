@@ -295,21 +295,16 @@ def _response_ids(tokenizer: Any, response: Any) -> list[int]:
     return tokenizer.encode(response.text, add_special_tokens=False)
 
 
-def _prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [m.model_dump() for m in prompt]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
 def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: list[str]) -> dict[str, Any]:
     """Monte-Carlo KL(student || reference) on the student's own samples (unbiased at temperature 1),
     over all K answers of every prompt; ``sequences`` holds each prompt's K log-ratios."""
-    from align.models import load_model, load_tokenizer
+    from align.models import load_model, load_tokenizer, prompt_token_ids
 
     tokenizer = load_tokenizer(config.model)
     prompts, completions, owners = [], [], []
     for pid in prompt_ids:
-        prompt = _prompt_ids(tokenizer, model_rows[pid].prompt)
+        # Rendered as generation rendered it when the answers were sampled: scored on the same ids.
+        prompt = prompt_token_ids(tokenizer, model_rows[pid].prompt)
         for response in model_rows[pid].responses:
             prompts.append(prompt)
             completions.append(_response_ids(tokenizer, response))

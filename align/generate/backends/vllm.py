@@ -15,6 +15,7 @@ from align.errors import AlignError
 from align.generate.backends import Completion, TokenCallback
 from align.generate.config import GenerateConfig
 from align.generate.plan import PromptJob
+from align.models import prompt_token_ids
 
 
 class VLLMBackend:
@@ -56,8 +57,7 @@ class VLLMBackend:
             chunk = jobs[start:start + size]
             prompts, params = [], []
             for job in chunk:
-                text = self.tokenizer.apply_chat_template(job.messages, add_generation_prompt=True, tokenize=False)
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                ids = prompt_token_ids(self.tokenizer, job.messages)
                 for p in self._params(job):
                     prompts.append({"prompt_token_ids": list(ids)})
                     params.append(p)

@@ -12,34 +12,26 @@ from typing import Any
 
 from align.errors import ConfigError
 from align.generate.plan import teacher_messages
+# eos_token_ids lives in the model layer; re-exported because eval's teacher metrics import it from here.
+from align.models import eos_token_ids, prompt_token_ids
+
+__all__ = ["chat_prompt_ids", "check_same_logit_width", "check_same_vocabulary", "eos_token_ids",
+           "text_completion_ids"]
 
 
 def chat_prompt_ids(tokenizer: Any, prompt: Any, system_prompt: str | None = None) -> list[int]:
     """The prompt's token ids up to where the answer starts, ``system_prompt`` first when given.
 
-    Encoded as ``align generate``'s transformers backend encodes it, so a teacher's stored log-probs
-    and a teacher re-run here condition on the very same ids.
+    Rendered by align.models.prompt_token_ids, as ``align generate`` renders it, so a teacher's stored
+    log-probs and a teacher re-run here condition on the very same ids.
     """
-    messages = teacher_messages(prompt, system_prompt)
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    # A base model without a template: plain text, each message its own paragraph.
-    return list(tokenizer("\n\n".join(m["content"] for m in messages))["input_ids"])
+    return prompt_token_ids(tokenizer, teacher_messages(prompt, system_prompt))
 
 
 def text_completion_ids(tokenizer: Any, text: str) -> list[int]:
     """A completion given as text, as the model would have written it: its tokens, then end-of-turn."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     return ids + [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else ids
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every id that ends an answer: the generation config's (a list for some chat models) and the tokenizer's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    ids.add(tokenizer.eos_token_id)
-    return sorted(i for i in ids if i is not None)
 
 
 def check_same_vocabulary(student: Any, teacher: Any, *, student_name: str, teacher_name: str) -> None:
