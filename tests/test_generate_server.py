@@ -106,6 +106,17 @@ def test_http_backend_writes_candidates_deterministically(server: ServerProcess,
     assert texts(run(tmp_path / "b.jsonl")) == texts(rows)
 
 
+def test_http_backend_takes_the_base_url_with_or_without_v1(server: ServerProcess, tmp_path: Path) -> None:
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "q", "prompt": "hello"}\n')
+    root = server.base_url.removesuffix("/v1")
+    for base_url in (root, root + "/"):
+        out = tmp_path / f"{len(base_url)}.jsonl"
+        result = generate(GenerateConfig(model="tiny", backend="openai", base_url=base_url, prompts=prompts,
+                                         output=out, num_candidates=1, max_new_tokens=3, progress=False))
+        assert result.candidates == 1
+
+
 def test_http_backend_sends_the_key_from_the_env_and_never_writes_it(
         locked_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prompts = tmp_path / "p.jsonl"

@@ -39,7 +39,6 @@ is recorded as unparsed with its raw text, and never counted as a win.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from align.errors import AlignError, ConfigError
 from align.label.shared_prefix import common_prefix_length, pack_groups, share_groups
 from align.label.text_checks import words
 from align.models import accepts_block_masks, cache_kwarg, prompt_token_ids
+from align.models.openai_client import ATTEMPTS, EndpointError, OpenAIClient
 
 Mode = Literal["pairwise", "pointwise"]
 Scale = Literal["10", "good-bad"]
@@ -379,54 +379,36 @@ def parse_http_answer(body: dict[str, Any], answers: Sequence[str], *, use_logpr
 
 
 class HttpBackend:
-    """An OpenAI-compatible chat completions endpoint, asked for a one-token answer."""
+    """An OpenAI-compatible chat completions endpoint, asked for a one-token answer.
+
+    URL, API key and retries follow align.models.openai_client, as the HTTP teacher does.
+    """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = None, concurrency: int = 4,
-                 timeout: float = 120.0, logprobs: bool = True, retries: int = 2):
-        import httpx
-
-        headers = {}
-        if api_key_env:
-            key = os.environ.get(api_key_env)
-            if not key:
-                raise ConfigError(f"environment variable {api_key_env} (named by --api-key-env) is not set or empty")
-            headers["Authorization"] = f"Bearer {key}"  # never logged or written to judgements
+                 timeout: float = 120.0, logprobs: bool = True, attempts: int = ATTEMPTS, backoff_s: float = 1.0):
         self.model_name = model
-        self.url = base_url.rstrip("/") + ("/chat/completions" if base_url.rstrip("/").endswith("/v1")
-                                           else "/v1/chat/completions")
-        self.client = httpx.Client(headers=headers, timeout=timeout)
+        self.client = OpenAIClient(base_url, api_key_env=api_key_env, timeout=timeout, attempts=attempts,
+                                   backoff_s=backoff_s)
+        self.url = self.client.url
         self.concurrency = concurrency
         self.logprobs = logprobs
-        self.retries = retries
 
     def truncate(self, text: str) -> tuple[str, bool]:
         return text, False
 
     def _post(self, conversation: list[dict[str, str]], max_tokens: int, logprobs: bool) -> dict[str, Any]:
-        import httpx
-
         payload: dict[str, Any] = {"model": self.model_name, "messages": conversation, "max_tokens": max_tokens,
                                    "temperature": 0.0}
         if logprobs:
             payload.update(logprobs=True, top_logprobs=20)
-        last: Exception | None = None
-        for _ in range(self.retries + 1):
-            try:
-                response = self.client.post(self.url, json=payload)
-            except httpx.HTTPError as exc:
-                last = exc
-                continue
-            if response.status_code >= 500:
-                last = JudgeError(f"{self.url} answered {response.status_code}: {response.text[:200]}")
-                continue
-            if response.status_code == 400 and logprobs:
-                # Some servers refuse logprobs; ask again for the plain answer.
+        try:
+            return self.client.chat(payload, what="a judge question")
+        except EndpointError as exc:
+            if exc.status == 400 and logprobs:
+                # Some servers refuse logprobs; ask again for the plain answer (and from now on).
                 self.logprobs = False
                 return self._post(conversation, max_tokens, False)
-            if response.status_code >= 400:
-                raise JudgeError(f"{self.url} answered {response.status_code}: {response.text[:300]}")
-            return response.json()
-        raise JudgeError(f"judge endpoint {self.url} failed: {last}")
+            raise
 
     def _ask(self, conversations: Sequence[list[dict[str, str]]], answers: Sequence[str], max_tokens: int,
              logprobs: bool, ignore_case: bool) -> list[Answer]:

@@ -1,47 +1,29 @@
 """Any OpenAI-compatible chat endpoint as the teacher: vLLM or SGLang servers, Ollama, hosted APIs.
 
-The API key is read from the environment variable named by ``api_key_env`` and
-only ever placed in the Authorization header: it is not stored, logged or put
-in an error message. Prompts are sent concurrently (``concurrency`` requests in
+Requests go through align.models.openai_client (its URL, API-key and retry rules
+are the judge's too). Prompts are sent concurrently (``concurrency`` requests in
 flight); candidates with the same sampling go in one request with ``n``.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
-from align.errors import AlignError
 from align.generate.backends import Completion, TokenCallback
 from align.generate.config import GenerateConfig
 from align.generate.plan import CandidateSpec, PromptJob
-
-RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
-ATTEMPTS = 4
-
-
-class HTTPBackendError(AlignError):
-    pass
+from align.models.openai_client import EndpointError, OpenAIClient
 
 
 class OpenAIBackend:
     name = "openai"
 
     def __init__(self, config: GenerateConfig):
-        import httpx
-
-        self.config = config
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(config.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
         assert config.base_url is not None
-        self.url = config.base_url.rstrip("/") + "/chat/completions"
-        self.client = httpx.Client(headers=headers, timeout=config.request_timeout,
-                                   transport=httpx.HTTPTransport(retries=2))
+        self.config = config
+        self.client = OpenAIClient(config.base_url, api_key_env=config.api_key_env, timeout=config.request_timeout)
 
     def describe(self) -> dict[str, Any]:
         return {}
@@ -109,29 +91,14 @@ class OpenAIBackend:
         return {**payload, **self.config.extra_body}
 
     def _request(self, job: PromptJob, group: list[CandidateSpec]) -> list[Completion]:
-        import httpx
-
-        payload = self._payload(job, group)
-        for attempt in range(ATTEMPTS):
-            try:
-                response = self.client.post(self.url, json=payload)
-            except httpx.TransportError as exc:
-                if attempt == ATTEMPTS - 1:
-                    raise HTTPBackendError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
-            else:
-                if response.status_code == 200:
-                    return self._parse(job, response.json(), len(group))
-                if response.status_code not in RETRY_STATUS or attempt == ATTEMPTS - 1:
-                    raise HTTPBackendError(f"{self.url} answered {response.status_code} for prompt "
-                                           f"{job.prompt_id!r}: {_error_message(response)}")
-            time.sleep(min(2**attempt, 10))
-        raise AssertionError("unreachable")
+        body = self.client.chat(self._payload(job, group), what=f"prompt {job.prompt_id!r}")
+        return self._parse(job, body, len(group))
 
     def _parse(self, job: PromptJob, body: dict[str, Any], n: int) -> list[Completion]:
         choices = sorted(body.get("choices") or [], key=lambda c: c.get("index", 0))
         if len(choices) != n:
-            raise HTTPBackendError(f"{self.url} returned {len(choices)} choices for n={n} (prompt {job.prompt_id!r}); "
-                                   "if the server ignores n (Ollama does), set request_n=false")
+            raise EndpointError(f"{self.client.url} returned {len(choices)} choices for n={n} "
+                                f"(prompt {job.prompt_id!r}); if the server ignores n (Ollama does), set request_n=false")
         usage_tokens = (body.get("usage") or {}).get("completion_tokens")
         completions = []
         for choice in choices:
@@ -143,15 +110,6 @@ class OpenAIBackend:
 
     def close(self) -> None:
         self.client.close()
-
-
-def _error_message(response: Any) -> str:
-    try:
-        error = response.json().get("error")
-        message = error.get("message") if isinstance(error, dict) else error
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or response.text[:500])
 
 
 def _token_id(entry: dict[str, Any]) -> int | None:
