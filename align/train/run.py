@@ -1,19 +1,19 @@
-"""The training stage: a TrainConfig in, a run dir out (weights, metrics, plot, config, data hashes)."""
+"""The training stage: a TrainConfig in, a run dir out (weights, metrics, plot, config, data hashes).
+
+The run dir is laid out by :mod:`align.train.recorder`; DPO/KTO add ``preflight.txt`` and ``diagnosis.json``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from align.config import dump_config
 from align.data.io import write_json, write_text
 from align.errors import ConfigError
 from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
-from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
@@ -23,8 +23,8 @@ from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.recompute import enable_selective_recompute
+from align.train.recorder import RunRecorder, final_loss
 from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
-from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,6 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     import datasets
     import torch
     import transformers
-    import trl
     from datasets import Dataset
 
     datasets.disable_progress_bars()  # per-map bars drown the log; TRL's own progress bars stay
@@ -158,8 +157,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
                           extra_loss=", ".join(extra_losses) or None)
     train_rows, heldout_rows = _split_heldout(config, data.rows, args.seed)
     student = resolve_model(config.model)
-    run_dir = prepare_run_dir(config.output_dir, resume)
-    configure_wandb(list(args.report_to or []), str(run_dir))
+    recorder = RunRecorder(config.output_dir, resume=resume, report_to=args.report_to, started=started)
+    run_dir = recorder.run_dir
 
     tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
     if config.method == "kto":
@@ -205,54 +204,35 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(heldout_rows) if heldout_rows else None,
-        peft_config=peft_config, callbacks=[MetricsFileCallback(run_dir / "metrics.jsonl")],
+        peft_config=peft_config, callbacks=[recorder.metrics_callback()],
     )
-    dump_config(config, run_dir / "config.yaml")
-    write_json(run_dir / "data.json", {
+    recorder.record_setup(config, {
         "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
                   "rows_used": len(train_rows), "converted_from": data.converted_from},
         "eval": {"path": config.eval_data, "rows": len(heldout_rows), "prompts": count_prompts(heldout_rows),
                  "split": config.eval_split},
-    })
-    write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
+    }, args)
 
-    # Measured once, before the first step; a resumed run reads it back.
-    before_file = run_dir / "eval_before.json"
-    eval_before: dict[str, float] = {}
-    if heldout_rows:
-        if before_file.exists():
-            eval_before = json.loads(before_file.read_text())
-        else:
-            eval_before = _evaluate(trainer, "before")
-            write_json(before_file, eval_before)
-    checkpoint = last_complete_checkpoint(run_dir) if resume else None
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_before = recorder.eval_before(lambda: _evaluate(trainer, "before")) if heldout_rows else {}
+    output = recorder.train(trainer)
     eval_after = _evaluate(trainer, "after") if heldout_rows else {}
 
-    weights_dir = run_dir / ("adapter" if peft_config is not None else "model")
-    trainer.save_model(str(weights_dir))
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    losses = [m["loss"] for m in metrics if "loss" in m]
+    weights_dir = recorder.save_weights(trainer, adapter=peft_config is not None)
+    metrics = recorder.metrics()
     shape = _heldout_shape(heldout_rows, config.method, tokenizer, args.max_length)
     if getattr(args, "ld_alpha", None) is not None:
         shape.pop("completion_tokens", None)  # LD-DPO's log-probs down-weight long tails: not per-token sums
     diagnosis = diagnose(eval_before, eval_after, metrics, **shape)
     result = TrainResult(
-        run_dir=str(run_dir), method=config.method, steps=output.global_step, final_loss=losses[-1] if losses else None,
+        run_dir=str(run_dir), method=config.method, steps=output.global_step, final_loss=final_loss(metrics),
         reference=reference_text, ref_cache=(trainer.align_ref_report or {}).get("train"),
         eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
-        seconds=round(time.time() - started, 1), warnings=diagnosis.warnings,
+        seconds=recorder.seconds(), warnings=diagnosis.warnings,
     )
     if trainer.accelerator.is_main_process:
-        from align.plots import plot_training_curves
-
         _report(diagnosis)
         write_json(run_dir / "diagnosis.json", diagnosis.to_json())
-        tokenizer.save_pretrained(str(weights_dir))
-        plot = plot_training_curves(metrics, run_dir / "curves.png", title=f"{config.method.upper()} {run_dir.name}")
-        result.plot = str(plot) if plot else None
-        write_json(run_dir / "run.json", {**asdict(result), "versions": {
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
+    recorder.finish(trainer, tokenizer, result, metrics, title=f"{config.method.upper()} {run_dir.name}")
     return result
 
 

@@ -1,4 +1,5 @@
-"""The distillation stage: a DistillConfig in, a run dir out, laid out as `align train dpo`'s.
+"""The distillation stage: a DistillConfig in, a run dir out, laid out as `align train dpo`'s (by
+:mod:`align.train.recorder`).
 
 ``config.yaml``, ``data.json``, ``trl_args.json``, ``metrics.jsonl`` (every logged step),
 ``curves.png``, ``adapter/`` or ``model/`` with the tokenizer, ``run.json``; and with ``eval_data``,
@@ -8,20 +9,16 @@ teacher's greedy answers on held-out prompts (see :mod:`align.eval.teacher`).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from align.config import dump_config
-from align.data.io import write_json
 from align.errors import ConfigError, DataError
 from align.models import load_model, load_tokenizer, resolve_model
-from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.distill.config import DistillConfig, build_gkd_args
 from align.train.distill.data import DistillData, check_stored_tokens, encode_examples, load_distill_data
-from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
+from align.train.recorder import RunRecorder, final_loss
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +41,6 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     import datasets
     import torch
     import transformers
-    import trl
     from datasets import Dataset
 
     datasets.disable_progress_bars()
@@ -78,8 +74,8 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     if dropped:
         log.warning("%d of %d examples dropped: their prompt alone fills max_length=%d", dropped,
                     len(data.examples), args.max_length)
-    run_dir = prepare_run_dir(config.output_dir, resume)
-    configure_wandb(list(args.report_to or []), str(run_dir))
+    recorder = RunRecorder(config.output_dir, resume=resume, report_to=args.report_to, started=started)
+    run_dir = recorder.run_dir
 
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, merge_adapter=True)
     teacher = None
@@ -102,16 +98,14 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
         loss=LossSettings(alpha=config.alpha, sparse_tail=config.sparse_tail),
         train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
         peft_config=config.lora.peft_config() if config.lora else None,
-        callbacks=[MetricsFileCallback(run_dir / "metrics.jsonl")],
+        callbacks=[recorder.metrics_callback()],
     )
-    dump_config(config, run_dir / "config.yaml")
-    write_json(run_dir / "data.json", {
+    recorder.record_setup(config, {
         "train": {"path": data.path, "sha256": data.file_sha256, "kind": data.kind, "examples": len(data.examples),
                   "rows_used": len(rows), "skipped": data.stats, "teacher_in_file": data.teacher},
         "eval": {"path": config.eval_data, "prompts": len(heldout)},
         "teacher_system_prompt": system_prompt,
-    })
-    write_json(run_dir / "trl_args.json", json.loads(args.to_json_string()))
+    }, args)
 
     answers = None
     eval_before: dict[str, Any] = {}
@@ -120,31 +114,18 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
 
         answers = teacher_answers(teacher, tokenizer, heldout, system_prompt=system_prompt,
                                   max_new_tokens=config.eval_max_new_tokens)
-        before_file = run_dir / "eval_before.json"  # measured once, before the first step; a resumed run reads it
-        eval_before = json.loads(before_file.read_text()) if before_file.exists() else \
-            _evaluate(trainer, teacher, tokenizer, answers, config, "before")
-        write_json(before_file, eval_before)
-    checkpoint = last_complete_checkpoint(run_dir) if resume else None
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+        eval_before = recorder.eval_before(lambda: _evaluate(trainer, teacher, tokenizer, answers, config, "before"))
+    output = recorder.train(trainer)
     eval_after = _evaluate(trainer, teacher, tokenizer, answers, config, "after") if answers else {}
     if eval_after:
-        write_json(run_dir / "eval_after.json", eval_after)
+        recorder.record_eval_after(eval_after)
 
-    weights_dir = run_dir / ("adapter" if config.lora is not None else "model")
-    trainer.save_model(str(weights_dir))
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    losses = [m["loss"] for m in metrics if "loss" in m]
-    result = DistillResult(run_dir=str(run_dir), steps=output.global_step, final_loss=losses[-1] if losses else None,
+    weights_dir = recorder.save_weights(trainer, adapter=config.lora is not None)
+    metrics = recorder.metrics()
+    result = DistillResult(run_dir=str(run_dir), steps=output.global_step, final_loss=final_loss(metrics),
                            teacher=signal, eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
-                           seconds=round(time.time() - started, 1))
-    if trainer.accelerator.is_main_process:
-        from align.plots import plot_training_curves
-
-        tokenizer.save_pretrained(str(weights_dir))
-        plot = plot_training_curves(metrics, run_dir / "curves.png", title=f"distill {run_dir.name}")
-        result.plot = str(plot) if plot else None
-        write_json(run_dir / "run.json", {**asdict(result), "method": "distill", "versions": {
-            "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
+                           seconds=recorder.seconds())
+    recorder.finish(trainer, tokenizer, result, metrics, title=f"distill {run_dir.name}", method="distill")
     return result
 
 
