@@ -71,14 +71,6 @@ class JudgeError(AlignError):
 # ----------------------------------------------------------------------------- the math, in small pure functions
 
 
-def renormalise(p_first: float, p_second: float) -> float:
-    """P(first answer) given that the judge gave one of the two answers."""
-    total = p_first + p_second
-    if total <= 0:
-        return 0.5
-    return p_first / total
-
-
 def debiased_probability(p_a_when_x_first: float, p_a_when_y_first: float) -> float:
     """P(x better than y) from both presentation orders; swapping x and y gives exactly 1 - this."""
     return (p_a_when_x_first + (1.0 - p_a_when_y_first)) / 2.0

@@ -12,7 +12,7 @@ from typing import Any
 
 from align.errors import ConfigError
 from align.generate.plan import teacher_messages
-# eos_token_ids lives in the model layer; re-exported because eval's teacher metrics import it from here.
+# eos_token_ids lives in the model layer; re-exported because align.train.distill.heldout imports it from here.
 from align.models import eos_token_ids, prompt_token_ids
 
 __all__ = ["chat_prompt_ids", "check_same_logit_width", "check_same_vocabulary", "eos_token_ids",
