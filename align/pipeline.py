@@ -192,7 +192,9 @@ def _paths(run: Path) -> dict[str, Path]:
 
 
 def _train_method(config: PipelineConfig) -> str:
-    return config.train.get("method", "dpo")
+    from align.train.config import TrainConfig
+
+    return config.train.get("method", TrainConfig.model_fields["method"].default)
 
 
 def _train_config(config: PipelineConfig, paths: dict[str, Path]) -> Any:
