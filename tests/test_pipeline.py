@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from align.data.io import sha256_of
@@ -80,9 +81,12 @@ def test_pipeline_killed_in_training_resumes_without_redoing_earlier_stages(tiny
     assert again.returncode == 0 and "stages run: none" in again.stdout
 
 
-def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(method: str, tiny_model_dir: Path,
+                                                                   tmp_path: Path) -> None:
     # lora: null is a full fine-tune: the run writes model/, no adapter/, and eval must score those weights.
-    config = load_pipeline_config(_config(tmp_path, tiny_model_dir, lora=None, max_steps=2, save_steps=10))
+    config = load_pipeline_config(_config(tmp_path, tiny_model_dir, method=method, lora=None, max_steps=2,
+                                          save_steps=10))
     run = tmp_path / "run"
     first = run_pipeline(config)
     assert first.ran == ["generate", "label", "pairs", "train", "eval"]
@@ -90,6 +94,8 @@ def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(tiny_model_dir
     assert (weights / "config.json").exists() and not (run / "train" / "adapter").exists()
     assert sha256_of(weights / "model.safetensors") != sha256_of(tiny_model_dir / "model.safetensors")
     stages = json.loads((run / "manifest.json").read_text())["stages"]
+    trained_on = run / ("pairs.jsonl" if method == "dpo" else "unpaired.jsonl")
+    assert stages["train"]["inputs"]["data"] == sha256_of(trained_on)
     assert stages["train"]["outputs"]["weights"] == str(weights)
     assert stages["eval"]["inputs"]["weights"] == sha256_of(weights)
     scored = resolve_model(first.eval_metrics["model"])
