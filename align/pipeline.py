@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -30,6 +30,9 @@ from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy, bui
 from align.data.records import content_hash
 from align.errors import ConfigError
 from align.label.judge import JudgeSettings, Mode
+
+if TYPE_CHECKING:
+    from align.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +200,7 @@ def _train_method(config: PipelineConfig) -> str:
     return config.train.get("method", TrainConfig.model_fields["method"].default)
 
 
-def _train_config(config: PipelineConfig, paths: dict[str, Path]) -> Any:
+def _train_config(config: PipelineConfig, paths: dict[str, Path]) -> TrainConfig:
     """The train section as the train stage's own TrainConfig (its defaults, its validation)."""
     from align.train import load_train_config
 
