@@ -18,7 +18,7 @@ from align.train.config import TrainConfig, build_trl_args
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
-from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy
+from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy, reward_tie_tolerance
 from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
 from align.train.prefix_sharing import enable_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
@@ -287,9 +287,7 @@ def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:
     # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise (align.train.heldout).
-    # A log-prob gap under 1e-3 nats is a tie: policy and reference see differently padded batches, and on
-    # 256-token dpo_en_demo pairs that noise passed 1e-4 nats for 1 pair in 32.
-    metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=trainer.beta * 1e-3)
+    metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=reward_tie_tolerance(trainer.beta))
     skip = ("runtime", "per_second", "preparation_time", "num_tokens")
     keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}

@@ -4,7 +4,7 @@
 ``config.yaml``, ``data.json``, ``trl_args.json``, ``metrics.jsonl`` (every logged step),
 ``curves.png``, ``adapter/`` or ``model/`` with the tokenizer, ``run.json``; and with ``eval_data``,
 ``eval_before.json`` / ``eval_after.json``: the student's KL to the teacher and its agreement with the
-teacher's greedy answers on held-out prompts (see :mod:`align.eval.teacher`).
+teacher's greedy answers on held-out prompts (see :mod:`align.train.distill.heldout`).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     answers = None
     eval_before: dict[str, Any] = {}
     if heldout and teacher is not None:
-        from align.eval.teacher import teacher_answers
+        from align.train.distill.heldout import teacher_answers
 
         answers = teacher_answers(teacher, tokenizer, heldout, system_prompt=system_prompt,
                                   max_new_tokens=config.eval_max_new_tokens)
@@ -176,7 +176,7 @@ def _describe_signal(config: DistillConfig, data: DistillData, system_prompt: st
 
 def _evaluate(trainer: Any, teacher: Any, tokenizer: Any, answers: Any, config: DistillConfig,
               when: str) -> dict[str, Any]:
-    from align.eval.teacher import compare_with_teacher
+    from align.train.distill.heldout import compare_with_teacher
 
     metrics, _ = compare_with_teacher(trainer.model, teacher, tokenizer, answers,
                                       max_new_tokens=config.eval_max_new_tokens)
