@@ -333,7 +333,7 @@ def test_short_runs_sample_their_rows_and_kto_samples_keep_the_class_shares() ->
 def test_pack_pairs_layout() -> None:
     import torch
 
-    from align.train.prefix_sharing import pack_pairs, unpack
+    from align.train.speedups.prefix_sharing import pack_pairs, unpack
 
     # two pairs: prompt [5, 6] + chosen [7, 8] / rejected [9]; prompt [1] + chosen [2] / rejected [3, 4]
     ids = torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0], [5, 6, 9, 0], [1, 3, 4, 0]])

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.train import lm_head, recompute
-from align.train.lm_head import TokenLogProbs
+from align.train.speedups import lm_head, recompute
+from align.train.speedups.lm_head import TokenLogProbs
 
 
 def _dpo_rows(n: int) -> list[dict]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.train import lm_head
-from align.train.lm_head import TokenLogProbs
+from align.train.speedups import lm_head
+from align.train.speedups.lm_head import TokenLogProbs
 
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from align.train import recompute
-from align.train.recompute import enable_selective_recompute, keep_output
+from align.train.speedups import recompute
+from align.train.speedups.recompute import enable_selective_recompute, keep_output
 
 aten = torch.ops.aten
 

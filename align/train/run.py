@@ -1,6 +1,7 @@
 """The training stage: a TrainConfig in, a run dir out (weights, metrics, plot, config, data hashes).
 
 The run dir is laid out by :mod:`align.train.recorder`; DPO/KTO add ``preflight.txt`` and ``diagnosis.json``.
+This module is the recipe; what makes it faster without changing the math is in :mod:`align.train.speedups`.
 """
 
 from __future__ import annotations
@@ -13,18 +14,16 @@ from typing import Any
 
 from align.data.io import write_json, write_text
 from align.errors import ConfigError
-from align.models import accepts_block_masks, load_model, load_tokenizer, resolve_model
+from align.models import load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy, reward_tie_tolerance
-from align.train.lm_head import needs_lean_lm_head, use_lean_lm_head
-from align.train.prefix_sharing import enable_prefix_sharing
 from align.train.preflight import check_or_raise, run_preflight
-from align.train.recompute import enable_selective_recompute
 from align.train.recorder import RunRecorder, final_loss
-from align.train.ref_cache import RefCacheMixin, RefLogpStore, module_fingerprint, weights_fingerprint
+from align.train.speedups import speedup_mixins
+from align.train.speedups.ref_cache import RefLogpStore, module_fingerprint, weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -47,72 +46,15 @@ class TrainResult:
 
 def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
                    selective_recompute: bool = False, extra_mixins: Sequence[type] = ()) -> type:
-    """TRL's trainer for ``method`` with align's mixins; ``extra_mixins`` go first (outermost)."""
+    """TRL's trainer for ``method`` with align's mixins, outermost first: ``extra_mixins``, the speed-ups
+    (align.train.speedups), the held-out reward measurement (align.train.heldout)."""
     from trl import DPOTrainer, KTOTrainer
 
     base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
-    mixins: tuple[type, ...] = (HeldoutRewardsMixin, RefCacheMixin)
-    if selective_recompute:
-        mixins = (SelectiveRecomputeMixin, *mixins)
-    if lean_lm_head:
-        mixins = (LeanHeadMixin, *mixins)
-    if method == "dpo" and prefix_sharing:
-        mixins = (PrefixSharingMixin, *mixins)
-    mixins = (*extra_mixins, *mixins)
+    speedups = speedup_mixins(method, prefix_sharing=prefix_sharing, lean_lm_head=lean_lm_head,
+                              selective_recompute=selective_recompute)
+    mixins = (*extra_mixins, *speedups, HeldoutRewardsMixin)
     return type(f"Align{base.__name__}", (*mixins, base), {"align_method": method})
-
-
-class LeanHeadMixin:
-    """Scores log-probs with align's lean LM head (see align.train.lm_head) on devices where TRL's is not lean.
-
-    Installed on the first reference forward (TRL precomputes the reference inside its ``__init__``, right
-    after it patches the models) and at the end of ``__init__``, whichever comes first.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        self._align_lean_heads()
-
-    def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
-        self._align_lean_heads()
-        return super()._precompute_ref_logps(*args, **kwargs)  # type: ignore[misc]
-
-    def _align_lean_heads(self) -> None:
-        trainer: Any = self
-        if not needs_lean_lm_head(trainer.accelerator.device):
-            return
-        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        for model in (policy, trainer.ref_model):
-            if model is not None and not getattr(model, "align_lean_lm_head", False):
-                use_lean_lm_head(model)
-
-
-class SelectiveRecomputeMixin:
-    """Keeps matmul and attention outputs, recomputes the rest of each decoder layer (align.train.recompute)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        trainer: Any = self
-        if trainer.args.gradient_checkpointing:
-            log.info("selective recompute off: full gradient checkpointing is on")
-            return
-        layers = enable_selective_recompute(trainer.model)
-        log.info("selective recompute: %d decoder layers keep matmul/attention outputs only", layers)
-
-
-class PrefixSharingMixin:
-    """Turns on shared-prompt forwards (see align.train.prefix_sharing) once TRL has patched the models."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        trainer: Any = self
-        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        for model in (policy, trainer.ref_model):
-            if model is not None and accepts_block_masks(model):
-                enable_prefix_sharing(model)
-            elif model is not None:
-                log.info("prefix sharing off: %s attention does not take block masks",
-                         model.config._attn_implementation)
 
 
 def rows_needed(max_steps: int, batch_size: int, grad_accum: int, world_size: int) -> int | None:

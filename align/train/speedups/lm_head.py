@@ -17,7 +17,8 @@ states (the idea of Liger's fused linear cross-entropy). :func:`use_lean_lm_head
 hooks it into TRL's fused head at the narrowest point: TRL's forward still runs
 the backbone, gathers the labelled positions and builds its output; only the
 kernel it calls, and the choice to score labelled positions only, are swapped,
-for the duration of one forward call of one model.
+for the duration of one forward call of one model. :class:`LeanHeadMixin` installs
+it on a DPO/KTO trainer's models.
 """
 
 from __future__ import annotations
@@ -240,3 +241,28 @@ def use_lean_lm_head(model: Any) -> bool:
     model.forward = forward
     model.align_lean_lm_head = True
     return True
+
+
+class LeanHeadMixin:
+    """Scores log-probs with :func:`use_lean_lm_head` on devices where TRL's head is not lean.
+
+    Installed on the first reference forward (TRL precomputes the reference inside its ``__init__``, right
+    after it patches the models) and at the end of ``__init__``, whichever comes first.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._align_lean_heads()
+
+    def _precompute_ref_logps(self, *args: Any, **kwargs: Any) -> Any:
+        self._align_lean_heads()
+        return super()._precompute_ref_logps(*args, **kwargs)  # type: ignore[misc]
+
+    def _align_lean_heads(self) -> None:
+        trainer: Any = self
+        if not needs_lean_lm_head(trainer.accelerator.device):
+            return
+        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        for model in (policy, trainer.ref_model):
+            if model is not None and not getattr(model, "align_lean_lm_head", False):
+                use_lean_lm_head(model)

@@ -20,10 +20,15 @@ Wang et al. 2024, https://arxiv.org/abs/2410.20305.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from align.models import accepts_block_masks
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 
@@ -138,3 +143,18 @@ def enable_prefix_sharing(model: Any) -> None:
 
     model.forward = forward
     model.align_prefix_sharing = True
+
+
+class PrefixSharingMixin:
+    """Turns on shared-prompt forwards (:func:`enable_prefix_sharing`) once TRL has patched the models."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        trainer: Any = self
+        policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        for model in (policy, trainer.ref_model):
+            if model is not None and accepts_block_masks(model):
+                enable_prefix_sharing(model)
+            elif model is not None:
+                log.info("prefix sharing off: %s attention does not take block masks",
+                         model.config._attn_implementation)

@@ -94,3 +94,17 @@ def enable_selective_recompute(model: Any) -> int:
         layer.forward = selective
         layer.align_selective_recompute = True
     return len(layers)
+
+
+class SelectiveRecomputeMixin:
+    """Mixed into a DPO/KTO trainer: :func:`enable_selective_recompute` on its model, unless full gradient
+    checkpointing is on."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        trainer: Any = self
+        if trainer.args.gradient_checkpointing:
+            log.info("selective recompute off: full gradient checkpointing is on")
+            return
+        layers = enable_selective_recompute(trainer.model)
+        log.info("selective recompute: %d decoder layers keep matmul/attention outputs only", layers)
