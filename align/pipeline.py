@@ -312,7 +312,7 @@ def _label(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
         result = label_rules(paths["candidates"], label.rules, paths["judgements"])
     else:
         raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
-    return StageOutput({"judgements": paths["judgements"]}, {"written": result.written, "labels": dict(result.labels)})
+    return StageOutput({"judgements": Path(result.output)}, {"written": result.written, "labels": dict(result.labels)})
 
 
 def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
@@ -333,9 +333,10 @@ def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageO
                                min_submitted=people.min_submitted)
     for line in result.lines():
         log.info("%s", line)
-    if not result.done:
+    if result.pulled is None:  # not done: too few answers yet
         raise PipelineWaiting(result.lines()[-1])
-    return StageOutput({"judgements": paths["judgements"]}, {"submitted": result.submitted, "target": result.target})
+    return StageOutput({"judgements": Path(result.pulled.output)},
+                       {"submitted": result.submitted, "target": result.target})
 
 
 def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
@@ -372,8 +373,7 @@ def _eval(config: PipelineConfig, paths: dict[str, Path], train_run: Path) -> St
                 **config.eval, "model": str(train_run), "output_dir": paths["eval"]}
     result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
     m = result.metrics
-    # EvalResult names its report but not its metrics file, which eval writes beside it in output_dir.
-    return StageOutput({"metrics": Path(result.output_dir) / "metrics.json", "report": Path(result.report)}, {
+    return StageOutput({name: Path(path) for name, path in result.files.items()}, {
         k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")})
 
 

@@ -164,8 +164,30 @@ def test_two_evals_sharing_reference_answers_answer_once_and_score_the_same_refe
     for name in ("first", "second"):
         config = EvalConfig(model=str(tiny_model_dir), reference=str(tiny_model_dir), prompts=HELDOUT,
                             output_dir=tmp_path / name, judge=rules, max_new_tokens=8, reference_answers=shared)
-        metrics.append(run_eval(config).metrics)
+        result = run_eval(config)
+        metrics.append(result.metrics)
         assert not (tmp_path / name / "responses_reference.jsonl").exists()
+        assert result.answers == {"model": str(tmp_path / name / "responses_model.jsonl"), "reference": str(shared)}
     rows = [json.loads(line) for line in shared.read_text().splitlines()]
     assert len(rows) == len({r["prompt_id"] for r in rows}) == 40  # answered once, no duplicate from the second
     assert metrics[0]["rule_score_reference"] == metrics[1]["rule_score_reference"]
+
+
+def test_the_eval_result_names_every_file_eval_wrote(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # The pipeline chains these names; a file eval writes and the result leaves out would have to be guessed.
+    from align.eval import EvalConfig, run_eval
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    out = tmp_path / "eval"
+    result = run_eval(EvalConfig(model=str(tiny_model_dir), reference=str(tiny_model_dir), prompts=HELDOUT,
+                                 output_dir=out, judge=rules, max_new_tokens=8))
+    files = {name: Path(path) for name, path in result.files.items()}
+    assert set(files) == {"metrics", "report", "per_prompt", "answers_model", "answers_reference"}
+    # Everything in the folder is named, except the plots, which the named report links.
+    written = {path for path in out.iterdir() if path.suffix != ".png"}
+    assert set(files.values()) == written
+    assert json.loads(files["metrics"].read_text()) == json.loads(json.dumps(result.metrics))
+    assert len(files["per_prompt"].read_text().splitlines()) == result.metrics["prompts"]
+    report = files["report"].read_text()
+    assert all(f"]({png.name})" in report for png in out.glob("*.png"))

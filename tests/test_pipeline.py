@@ -98,6 +98,13 @@ def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(method: str, t
     assert stages["train"]["inputs"]["data"] == sha256_of(trained_on)
     assert stages["train"]["outputs"]["weights"] == str(weights)
     assert stages["eval"]["inputs"]["weights"] == sha256_of(weights)
+    # Eval's outputs are the ones its result named, answers included; the pipeline builds none of these paths.
+    assert stages["eval"]["outputs"] == {"metrics": str(run / "eval" / "metrics.json"),
+                                         "report": str(run / "eval" / "report.md"),
+                                         "per_prompt": str(run / "eval" / "per_prompt.jsonl"),
+                                         "answers_model": str(run / "eval" / "responses_model.jsonl"),
+                                         "answers_reference": str(run / "eval" / "responses_reference.jsonl")}
+    assert first.report == stages["eval"]["outputs"]["report"]
     scored = resolve_model(first.eval_metrics["model"])
     assert (scored.kind, Path(scored.path), scored.adapter) == ("local", weights, None)
 

@@ -95,9 +95,23 @@ class EvalConfig(StrictConfig):
 
 @dataclass
 class EvalResult:
+    """What eval measured, and the files it wrote there, by name (a caller never builds a path into output_dir)."""
+
     output_dir: str
     metrics: dict[str, Any] = field(default_factory=dict)
-    report: str = ""
+    report: str = ""  # report.md, which links the plots (PNG) written beside it
+    metrics_file: str = ""  # metrics.json: ``metrics`` as written
+    per_prompt: str = ""  # per_prompt.jsonl: each prompt's outcomes, judgements, scores and log-ratios
+    # The answers that were compared, JSONL by role: "model", "reference" (``reference_answers`` when shared
+    # between evals, so maybe outside output_dir) and, with a teacher, "teacher".
+    answers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def files(self) -> dict[str, str]:
+        """Every output by name: metrics, report, per_prompt, answers_<role>."""
+        named = {"metrics": self.metrics_file, "report": self.report, "per_prompt": self.per_prompt,
+                 **{f"answers_{role}": path for role, path in self.answers.items()}}
+        return {name: path for name, path in named.items() if path}
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
@@ -108,7 +122,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     rules = _load_rules(config.judge) if config.judge else None
     k = config.samples_per_prompt
     temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
-    sampled = {}
+    sampled, answers = {}, {}
     for role, spec, seed in (("model", config.model, config.seed), ("reference", config.reference, config.seed + 1)):
         shared = role == "reference" and config.reference_answers is not None
         path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
@@ -122,6 +136,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
                      temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
                      seed=seed, logprobs=0, batch_size=config.batch_size)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
+        answers[role] = str(path)
     prompt_ids = sorted(set(sampled["model"]) & set(sampled["reference"]))
 
     metrics: dict[str, Any] = {"model": config.model, "reference": config.reference, "prompts": len(prompt_ids),
@@ -145,8 +160,9 @@ def run_eval(config: EvalConfig) -> EvalResult:
 
         metrics["teacher"] = teacher_metrics(config, out)
 
-    write_json(out / "metrics.json", metrics)
-    with atomic_path(out / "per_prompt.jsonl") as tmp:
+    metrics_file, per_prompt_file = out / "metrics.json", out / "per_prompt.jsonl"
+    write_json(metrics_file, metrics)
+    with atomic_path(per_prompt_file) as tmp:
         tmp.write_text("".join(json.dumps({"prompt_id": k, **v}) + "\n" for k, v in sorted(per_prompt.items())))
     from align.eval.report import write_report
 
@@ -155,9 +171,11 @@ def run_eval(config: EvalConfig) -> EvalResult:
         from align.eval.teacher import add_to_report
 
         add_to_report(report, metrics["teacher"])
+        answers["teacher"] = str(out / "teacher_answers.jsonl")  # where teacher_metrics writes them
     if config.report_to:
         _log_wandb(config, metrics, out)
-    return EvalResult(str(out), metrics, str(report))
+    return EvalResult(str(out), metrics, str(report), metrics_file=str(metrics_file),
+                      per_prompt=str(per_prompt_file), answers=answers)
 
 
 def _load_rules(path: Path) -> Any:
