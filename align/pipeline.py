@@ -177,7 +177,7 @@ def check_sections(config: PipelineConfig) -> None:
     run = config.run_dir
     for name, check in (
         ("generate", lambda: load_config(GenerateConfig, None, (), defaults={**config.generate, "output": run / "c"})),
-        ("train", lambda: _train_config(config, _paths(run))),
+        ("train", lambda: _train_config(config, _paths(run)[_train_data(config)], run / "train")),
         ("eval", lambda: load_config(EvalConfig, None, (), defaults={"model": "m", "reference": "r",
                                                                       "output_dir": run / "eval", **config.eval})),
     ):
@@ -200,14 +200,17 @@ def _train_method(config: PipelineConfig) -> str:
     return config.train.get("method", TrainConfig.model_fields["method"].default)
 
 
-def _train_config(config: PipelineConfig, paths: dict[str, Path]) -> TrainConfig:
+def _train_data(config: PipelineConfig) -> str:
+    """The pairs stage's output the train method reads: pairs for DPO, unpaired rows for KTO."""
+    return "pairs" if _train_method(config) == "dpo" else "unpaired"
+
+
+def _train_config(config: PipelineConfig, data: Path, output_dir: Path) -> TrainConfig:
     """The train section as the train stage's own TrainConfig (its defaults, its validation)."""
     from align.train import load_train_config
 
-    method = _train_method(config)
-    data = paths["pairs"] if method == "dpo" else paths["unpaired"]
     settings = {"seed": config.seed, **{k: v for k, v in config.train.items() if k != "method"}}
-    return load_train_config(method, settings, data=str(data), output_dir=str(paths["train"]))
+    return load_train_config(_train_method(config), settings, data=str(data), output_dir=str(output_dir))
 
 
 def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> PipelineResult:
@@ -225,24 +228,27 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
         "generate": lambda: {"prompts": prompts},
         "label": lambda: {"candidates": manifest.output("generate", "candidates")},
         "pairs": lambda: {"judgements": manifest.output("label", "judgements")},
-        "train": lambda: {"data": manifest.output("pairs", "pairs" if _train_method(config) == "dpo" else "unpaired")},
+        "train": lambda: {"data": manifest.output("pairs", _train_data(config))},
         "eval": lambda: {"weights": manifest.output("train", "weights"),
                          "prompts": Path(config.eval.get("prompts", ""))},
     }
     settings: dict[str, Any] = {"generate": config.generate, "label": config.label.model_dump(mode="json"),
                                 "pairs": config.pairs.model_dump(mode="json"), "train": config.train,
                                 "eval": config.eval}
-    runners: dict[str, Callable[[], StageOutput]] = {
-        "generate": lambda: _generate(config, paths),
-        "label": lambda: _label(config, paths),
-        "pairs": lambda: _pairs(config, paths),
-        "train": lambda: _train(config, paths),
-        "eval": lambda: _eval(config, paths, manifest.output("train", "run_dir")),
+    # Each stage reads its inputs (above) and writes where ``paths`` asks; what it wrote, its result names.
+    runners: dict[str, Callable[[dict[str, Path]], StageOutput]] = {
+        "generate": lambda _: _generate(config, paths["candidates"]),
+        "label": lambda given: _label(config, given["candidates"], paths["judgements"]),
+        "pairs": lambda given: _pairs(config, given["judgements"], paths["pairs"], paths["unpaired"]),
+        "train": lambda given: _train(config, given["data"], paths["train"]),
+        "eval": lambda _: _eval(config, manifest.output("train", "run_dir"), paths["eval"], reference=_train_config(
+            config, manifest.output("pairs", _train_data(config)), paths["train"]).model),
     }
     ran, skipped = [], []
     forced = STAGES[STAGES.index(from_stage):] if from_stage else ()
     for stage in STAGES:
-        inputs = {name: _hash_input(path, stage) for name, path in stage_inputs[stage]().items()}
+        given = stage_inputs[stage]()
+        inputs = {name: _hash_input(path, stage) for name, path in given.items()}
         settings_hash = content_hash({"settings": settings[stage], "seed": config.seed}, 32)
         if stage not in forced and manifest.is_current(stage, inputs, settings_hash):
             log.info("stage %s: up to date, skipped", stage)
@@ -255,7 +261,7 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
         started = time.time()
         manifest.save(stage, StageRecord("running", inputs, settings_hash, {}, started, versions=_versions()))
         try:
-            output = runners[stage]()
+            output = runners[stage](given)
         except PipelineWaiting as waiting:
             manifest.save(stage, StageRecord("waiting", inputs, settings_hash, {}, started, versions=_versions(),
                                              summary={"message": str(waiting)}))
@@ -287,35 +293,35 @@ def _clear_outputs(stage: str, paths: dict[str, Path]) -> None:
             path.unlink()
 
 
-def _generate(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
+def _generate(config: PipelineConfig, output: Path) -> StageOutput:
     from align.generate import generate
 
-    settings = {"seed": config.seed, **config.generate, "output": paths["candidates"]}
+    settings = {"seed": config.seed, **config.generate, "output": output}
     result = generate(**settings)
     return StageOutput({"candidates": Path(result.output)},
                        {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))})
 
 
-def _label(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
+def _label(config: PipelineConfig, candidates: Path, output: Path) -> StageOutput:
     from align.label.stages import label_judge, label_rules
 
     label = config.label
     if label.argilla is not None:
-        return _label_with_people(config, paths)
+        return _label_with_people(config, candidates, output)
     if label.judge_model:
         from align.label.judge import make_backend
 
         backend = make_backend(label.judge_model, base_url=label.judge_base_url, api_key_env=label.judge_api_key_env)
-        result = label_judge(paths["candidates"], paths["judgements"], backend=backend,
+        result = label_judge(candidates, output, backend=backend,
                              settings=JudgeSettings(mode=label.mode), rules_path=label.rules)
     elif label.rules:
-        result = label_rules(paths["candidates"], label.rules, paths["judgements"])
+        result = label_rules(candidates, label.rules, output)
     else:
         raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
     return StageOutput({"judgements": Path(result.output)}, {"written": result.written, "labels": dict(result.labels)})
 
 
-def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
+def _label_with_people(config: PipelineConfig, candidates: Path, output: Path) -> StageOutput:
     from align.argilla.loop import label_with_people
     from align.argilla.settings import resolve_settings
 
@@ -324,9 +330,9 @@ def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageO
     suggestions = None
     if config.label.rules or config.label.judge_model:
         auto = config.label.model_copy(update={"argilla": None})
-        auto_paths = {**paths, "judgements": paths["judgements"].with_name("judgements_auto.jsonl")}
-        suggestions = _label(config.model_copy(update={"label": auto}), auto_paths).files["judgements"]
-    result = label_with_people(paths["candidates"], people.dataset, paths["judgements"],
+        suggestions = _label(config.model_copy(update={"label": auto}), candidates,
+                             output.with_name("judgements_auto.jsonl")).files["judgements"]
+    result = label_with_people(candidates, people.dataset, output,
                                resolve_settings(workspace=people.workspace), target=people.target,
                                wait_seconds=people.wait_seconds, judgements_path=suggestions, task=people.task,
                                only_uncertain=people.only_uncertain, min_confidence=people.min_confidence,
@@ -339,8 +345,8 @@ def _label_with_people(config: PipelineConfig, paths: dict[str, Path]) -> StageO
                        {"submitted": result.submitted, "target": result.target})
 
 
-def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
-    result = build_pairs(paths["judgements"], paths["pairs"], seed=config.seed, unpaired=paths["unpaired"],
+def _pairs(config: PipelineConfig, judgements: Path, output: Path, unpaired: Path) -> StageOutput:
+    result = build_pairs(judgements, output, seed=config.seed, unpaired=unpaired,
                          **config.pairs.model_dump())
     for line in result.lines():
         log.info("%s", line)
@@ -349,11 +355,11 @@ def _pairs(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
                        {"pairs": result.pairs, "prompts": result.prompts})
 
 
-def _train(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
+def _train(config: PipelineConfig, data: Path, output_dir: Path) -> StageOutput:
     from align.train.run import train
 
     # A run stopped part-way continues from its last checkpoint.
-    result = train(_train_config(config, paths), resume=True)
+    result = train(_train_config(config, data, output_dir), resume=True)
     # Held-out figures before -> after and align.train.diagnosis's warnings (memorised, drifted), so the manifest
     # says whether the student moved, not only that training ran.
     heldout = {key: [result.eval_before.get(key), result.eval_after[key]]
@@ -364,13 +370,13 @@ def _train(config: PipelineConfig, paths: dict[str, Path]) -> StageOutput:
                         "heldout": heldout, "warnings": result.warnings})
 
 
-def _eval(config: PipelineConfig, paths: dict[str, Path], train_run: Path) -> StageOutput:
+def _eval(config: PipelineConfig, train_run: Path, output_dir: Path, *, reference: str) -> StageOutput:
     from align.eval import EvalConfig, run_eval
 
     # The student is the train stage's run dir: the model layer loads the weights it holds, and eval reads the
     # run's beta from it. The reference is where that run started.
-    settings = {"seed": config.seed, "reference": _train_config(config, paths).model,
-                **config.eval, "model": str(train_run), "output_dir": paths["eval"]}
+    settings = {"seed": config.seed, "reference": reference,
+                **config.eval, "model": str(train_run), "output_dir": output_dir}
     result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
     m = result.metrics
     return StageOutput({name: Path(path) for name, path in result.files.items()}, {

@@ -114,6 +114,28 @@ def test_a_full_fine_tune_pipeline_evaluates_the_fine_tuned_model(method: str, t
     assert resolve_model(again.eval_metrics["model"]).path == str(weights)
 
 
+def test_each_stage_reads_the_file_the_stage_before_named_not_a_path_the_pipeline_builds(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = load_pipeline_config(_config(tmp_path, tiny_model_dir, max_steps=2, save_steps=10))
+    run = tmp_path / "run"
+    run_pipeline(config)
+    # The generate stage's candidates now live elsewhere, and its manifest entry says so.
+    moved = tmp_path / "elsewhere" / "candidates.jsonl"
+    moved.parent.mkdir()
+    (run / "candidates.jsonl").rename(moved)
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["stages"]["generate"]["outputs"]["candidates"] = str(moved)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+    again = run_pipeline(config, from_stage="label")
+    assert again.skipped == ["generate"] and again.ran == ["label", "pairs", "train", "eval"]
+    assert not (run / "candidates.jsonl").exists()
+    stages = json.loads((run / "manifest.json").read_text())["stages"]
+    assert stages["label"]["inputs"]["candidates"] == sha256_of(moved)
+    judged = {json.loads(line)["prompt_id"] for line in (run / "judgements.jsonl").read_text().splitlines()}
+    assert judged == {json.loads(line)["prompt_id"] for line in moved.read_text().splitlines()}
+
+
 def test_a_manifest_from_before_named_outputs_still_chains_its_stages(tmp_path: Path) -> None:
     # Run dirs written when outputs were a list carry on: nothing is redone for want of a name.
     stages = {"pairs": {"status": "done", "outputs": [str(tmp_path / "pairs.jsonl"), str(tmp_path / "unpaired.jsonl")]},
