@@ -54,6 +54,15 @@ def test_run_dir_and_adapter_are_resolved(tiny_model_dir: Path, tmp_path: Path) 
         assert torch.allclose(loaded(ids).logits, merged(ids).logits, atol=1e-5)
 
 
+def test_loading_takes_a_resolved_source_without_resolving_again(tiny_model_dir: Path, monkeypatch) -> None:
+    from align.models import loading
+
+    source = resolve_model(str(tiny_model_dir))
+    monkeypatch.setattr(loading, "resolve_model", lambda spec: pytest.fail(f"{spec} resolved again"))
+    assert len(load_tokenizer(source)) == 49152
+    assert load_model(source).config.vocab_size == 49152
+
+
 def test_remote_code_is_off_by_default() -> None:
     import inspect
 

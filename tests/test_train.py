@@ -73,6 +73,29 @@ def test_dpo_lora_writes_a_complete_run_dir_and_second_run_reuses_the_reference(
     assert second.final_loss == pytest.approx(first.final_loss, abs=1e-6)
 
 
+def test_a_separate_reference_is_resolved_once_and_cached_by_its_weights(
+        tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, monkeypatch) -> None:
+    from align.models import loading
+
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m, pytest.raises(AlignError, match="does not exist"):
+        m.setattr("align.train.run.load_model", lambda *a, **k: pytest.fail("a model loaded first"))
+        align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "bad", cache, eval_split=0,
+                                    reference=str(tmp_path / "no-such-model")))
+    base = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "base", cache, eval_split=0))
+    assert base.ref_cache == {"rows": 8, "reused": 0, "computed": 8}
+    resolved = []
+    resolve = loading.resolve_model
+    monkeypatch.setattr(loading, "resolve_model", lambda spec: resolved.append(spec) or resolve(spec))
+    monkeypatch.setattr("align.train.run.resolve_model", loading.resolve_model)
+    separate = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "separate", cache, eval_split=0,
+                                           reference=str(tiny_model_dir)))
+    assert "separate model" in separate.reference
+    assert resolved == [str(tiny_model_dir)] * 2  # the student and the reference, once each
+    # the same weights as the first run's base reference: its cached log-probs serve
+    assert separate.ref_cache == {"rows": 8, "reused": 8, "computed": 0}
+
+
 def test_full_finetune_and_export(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path,
                                   capsys) -> None:
     result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "full", isolated_cache, lora=False))

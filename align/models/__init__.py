@@ -1,7 +1,8 @@
 """The model layer every stage stands on: which weights a spec means, loading them, prompt -> token ids,
 the ids that end an answer, and one OpenAI-compatible HTTP client.
 
-- :mod:`align.models.loading`: model specs (bundled, folder, run dir, hub id) resolved and loaded.
+- :mod:`align.models.loading`: a model spec (bundled, folder, run dir, hub id) resolved once into a
+  ``ModelSource``, which ``load_model`` and ``load_tokenizer`` take as well as the spec.
 - :mod:`align.models.tokens`: a prompt rendered into token ids the one way generation, distillation,
   eval and the judge all use, and ``eos_token_ids``.
 - :mod:`align.models.openai_client`: chat completions over HTTP for the teacher backend and the judge.

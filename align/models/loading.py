@@ -56,6 +56,8 @@ class ModelSource:
 
     ``path`` is what ``from_pretrained`` gets (a folder or a hub id). For a LoRA
     adapter, ``path`` is the base model and ``adapter`` the adapter folder.
+    A stage resolves a spec once (:func:`resolve_model`) and passes this down:
+    :func:`load_model` and :func:`load_tokenizer` take it as well as a spec.
     """
 
     spec: str
@@ -74,6 +76,11 @@ def resolve_model(spec: str) -> ModelSource:
     if spec.startswith((".", "/", "~")) or os.sep in spec and folder.parent.exists() and not _looks_like_hub_id(spec):
         raise ModelError(f"model folder {spec!r} does not exist")
     return ModelSource(spec, spec, "hub")
+
+
+def _source(spec: str | ModelSource) -> ModelSource:
+    """A ModelSource as it is; a spec resolved."""
+    return spec if isinstance(spec, ModelSource) else resolve_model(spec)
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -156,24 +163,27 @@ def default_dtype(device: str | None = None) -> Any:
     return torch.float32
 
 
-def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+def load_tokenizer(spec: str | ModelSource, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a spec or a resolved :class:`ModelSource`; its pad token is eos when it has none."""
     from transformers import AutoTokenizer
 
-    source = resolve_model(spec)
+    source = _source(spec)
     # An adapter folder may carry its own tokenizer (added tokens, a new template).
     path = source.adapter if source.adapter and (Path(source.adapter) / "tokenizer_config.json").exists() else source.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the tokenizer of {spec!r} from {path}: {exc}") from exc
+        raise ModelError(f"cannot load the tokenizer of {source.spec!r} from {path}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust_remote_code: bool = False,
-               merge_adapter: bool = False, trainable_adapter: bool = False, **from_pretrained: Any) -> Any:
-    """A causal LM from any spec. An adapter is attached (or merged with ``merge_adapter``).
+def load_model(spec: str | ModelSource, *, dtype: Any = None, device: str | None = None,
+               trust_remote_code: bool = False, merge_adapter: bool = False, trainable_adapter: bool = False,
+               **from_pretrained: Any) -> Any:
+    """A causal LM from any spec or a resolved :class:`ModelSource`. An adapter is attached (or merged with
+    ``merge_adapter``).
 
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``quantization_config``;
     a quantized model stays where its loader put it).
@@ -181,13 +191,13 @@ def load_model(spec: str, *, dtype: Any = None, device: str | None = None, trust
     import torch
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model(spec)
+    source = _source(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code, **from_pretrained)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load model {spec!r} from {source.path}: {exc}") from exc
+        raise ModelError(f"cannot load model {source.spec!r} from {source.path}: {exc}") from exc
     if source.adapter:
         from peft import PeftModel
 

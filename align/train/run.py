@@ -14,7 +14,7 @@ from typing import Any
 
 from align.data.io import write_json, write_text
 from align.errors import ConfigError
-from align.models import load_model, load_tokenizer, resolve_model
+from align.models import ModelSource, load_model, load_tokenizer, resolve_model
 from align.train.config import TrainConfig, build_trl_args
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
@@ -98,11 +98,13 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     args = build_trl_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported(),
                           extra_loss=", ".join(extra_losses) or None)
     train_rows, heldout_rows = _split_heldout(config, data.rows, args.seed)
+    # Resolved once here (a bad spec fails before any model loads; bundled weights convert once) and passed down.
     student = resolve_model(config.model)
+    reference = resolve_model(config.reference) if config.reference != "base" else None
     recorder = RunRecorder(config.output_dir, resume=resume, report_to=args.report_to, started=started)
     run_dir = recorder.run_dir
 
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
+    tokenizer = load_tokenizer(student, trust_remote_code=config.trust_remote_code)
     if config.method == "kto":
         _set_kto_weights(config, args, train_rows)
     preflight = run_preflight(train_rows, tokenizer, method=config.method, max_length=args.max_length,
@@ -127,17 +129,19 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 
     reference_text = _describe_reference(config, student.kind)
     log.info("reference: %s", reference_text)
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code, merge_adapter=True,
+    model = load_model(student, trust_remote_code=config.trust_remote_code, merge_adapter=True,
                        **_quantization_kwargs(config))
     ref_model = None
-    if config.reference != "base":
-        ref_model = load_model(config.reference, trust_remote_code=config.trust_remote_code, merge_adapter=True)
+    if reference is not None:
+        ref_model = load_model(reference, trust_remote_code=config.trust_remote_code, merge_adapter=True)
         ref_model.requires_grad_(False).eval()
     peft_config = config.lora.peft_config() if config.lora else None
 
     store = None
     if config.ref_cache and args.precompute_ref_log_probs:
-        store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, student, ref_model, model))
+        weights = (_fingerprint_source(student, model) if reference is None
+                   else _fingerprint_source(reference, ref_model))
+        store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, weights, model))
     trainer_cls = _trainer_class(config.method, config.prefix_sharing, config.lean_lm_head,
                                  _selective_recompute(config, on_gpu), extra_mixins)
     trainer_cls.align_ref_store = store
@@ -266,15 +270,11 @@ def _quantization_kwargs(config: TrainConfig) -> dict[str, Any]:
                                                       bnb_4bit_use_double_quant=True)}
 
 
-def _ref_namespace(config: TrainConfig, args: Any, student: Any, ref_model: Any, model: Any) -> dict[str, Any]:
-    """Everything besides the example itself that changes the reference log-probs."""
+def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> dict[str, Any]:
+    """Everything besides the example itself that changes the reference log-probs (``weights``: the
+    reference's fingerprint)."""
     import trl
 
-    if config.reference != "base":
-        source = resolve_model(config.reference)
-        weights = _fingerprint_source(source, ref_model)
-    else:
-        weights = _fingerprint_source(student, model)
     return {
         "method": config.method, "reference_weights": weights, "max_length": args.max_length,
         "truncation_mode": getattr(args, "truncation_mode", None), "ld_alpha": getattr(args, "ld_alpha", None),
@@ -282,7 +282,7 @@ def _ref_namespace(config: TrainConfig, args: Any, student: Any, ref_model: Any,
     }
 
 
-def _fingerprint_source(source: Any, module: Any) -> str:
+def _fingerprint_source(source: ModelSource, module: Any) -> str:
     try:
         base = weights_fingerprint(source.path)
         return base + (":" + weights_fingerprint(source.adapter) if source.adapter else "")

@@ -55,15 +55,16 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     _check_signal(config, data)
     heldout = _heldout_prompts(config)
     args = build_gkd_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported())
-    resolve_model(config.model)
-    if config.teacher:
-        resolve_model(config.teacher)
+    # Resolved once, before any tokenizer or model loads (a bad student or teacher spec fails here, and bundled
+    # weights convert once), and passed down.
+    student = resolve_model(config.model)
+    teacher_source = resolve_model(config.teacher) if config.teacher else None
 
-    tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
-    if config.teacher:
+    tokenizer = load_tokenizer(student, trust_remote_code=config.trust_remote_code)
+    if teacher_source is not None:
         from align.train.distill.tokens import check_same_vocabulary
 
-        check_same_vocabulary(tokenizer, load_tokenizer(config.teacher, trust_remote_code=config.trust_remote_code),
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_source, trust_remote_code=config.trust_remote_code),
                               student_name=config.model, teacher_name=config.teacher)
     if config.uses_stored_logprobs:
         check_stored_tokens(data, tokenizer)
@@ -77,12 +78,12 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     recorder = RunRecorder(config.output_dir, resume=resume, report_to=args.report_to, started=started)
     run_dir = recorder.run_dir
 
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code, merge_adapter=True)
+    model = load_model(student, trust_remote_code=config.trust_remote_code, merge_adapter=True)
     teacher = None
-    if config.teacher:
+    if teacher_source is not None:
         from align.train.distill.tokens import check_same_logit_width
 
-        teacher = load_model(config.teacher, trust_remote_code=config.trust_remote_code, merge_adapter=True)
+        teacher = load_model(teacher_source, trust_remote_code=config.trust_remote_code, merge_adapter=True)
         teacher.requires_grad_(False).eval()
         check_same_logit_width(model, teacher, student_name=config.model, teacher_name=config.teacher)
     signal = _describe_signal(config, data, system_prompt)
