@@ -29,7 +29,7 @@ from align.data.io import atomic_path, sha256_of
 from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy, build_pairs
 from align.data.records import content_hash
 from align.errors import ConfigError
-from align.label.judge import JudgeSettings, Mode
+from align.label.stages import LabelConfig, LabelSettings, run_label
 
 if TYPE_CHECKING:
     from align.train.config import TrainConfig
@@ -52,13 +52,17 @@ class PeopleSettings(StrictConfig):
     workspace: str | None = None
 
 
-class LabelSettings(StrictConfig):
-    rules: Path | None = None
-    judge_model: str | None = None
-    judge_base_url: str | None = None
-    judge_api_key_env: str | None = None
-    mode: Mode = JudgeSettings.mode  # the judge's own default
+class LabelSection(LabelSettings):
+    """The label stage's own settings (rules, judge and every judge setting, with their defaults), and people."""
+
     argilla: PeopleSettings | None = None
+
+
+# The label settings the pipeline hashed before it took the label stage's settings type whole. They stay in the
+# settings hash as they were; the others enter it only when set away from their defaults (speed-only ones never),
+# so a run dir labeled before them keeps its label stage instead of relabeling once.
+_LABEL_SETTINGS_HASHED_FIRST = frozenset({"rules", "judge_model", "judge_base_url", "judge_api_key_env", "mode",
+                                          "argilla"})
 
 
 class PipelineWaiting(Exception):
@@ -83,7 +87,7 @@ class PipelineConfig(StrictConfig):
     run_dir: Path
     seed: int = 0
     generate: dict[str, Any] = Field(default_factory=dict, description="align generate settings")
-    label: LabelSettings = Field(default_factory=LabelSettings)
+    label: LabelSection = Field(default_factory=LabelSection)
     pairs: PairSettings = Field(default_factory=PairSettings)
     train: dict[str, Any] = Field(default_factory=dict, description="align train settings (method: dpo|kto)")
     eval: dict[str, Any] = Field(default_factory=dict, description="align eval settings")
@@ -232,9 +236,6 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
         "eval": lambda: {"weights": manifest.output("train", "weights"),
                          "prompts": Path(config.eval.get("prompts", ""))},
     }
-    settings: dict[str, Any] = {"generate": config.generate, "label": config.label.model_dump(mode="json"),
-                                "pairs": config.pairs.model_dump(mode="json"), "train": config.train,
-                                "eval": config.eval}
     # Each stage reads its inputs (above) and writes where ``paths`` asks; what it wrote, its result names.
     runners: dict[str, Callable[[dict[str, Path]], StageOutput]] = {
         "generate": lambda _: _generate(config, paths["candidates"]),
@@ -249,7 +250,7 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
     for stage in STAGES:
         given = stage_inputs[stage]()
         inputs = {name: _hash_input(path, stage) for name, path in given.items()}
-        settings_hash = content_hash({"settings": settings[stage], "seed": config.seed}, 32)
+        settings_hash = stage_settings_hash(config, stage)
         if stage not in forced and manifest.is_current(stage, inputs, settings_hash):
             log.info("stage %s: up to date, skipped", stage)
             skipped.append(stage)
@@ -273,6 +274,20 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> Pi
         ran.append(stage)
     eval_metrics = json.loads(manifest.output("eval", "metrics").read_text())
     return PipelineResult(str(run), ran, skipped, eval_metrics, str(manifest.output("eval", "report")))
+
+
+def stage_settings_hash(config: PipelineConfig, stage: str) -> str:
+    """The hash of a stage's settings (and the seed) in the manifest: a change reruns the stage."""
+    settings: Any = {"generate": config.generate, "label": _label_settings_hashed(config.label),
+                     "pairs": config.pairs.model_dump(mode="json"), "train": config.train,
+                     "eval": config.eval}[stage]
+    return content_hash({"settings": settings, "seed": config.seed}, 32)
+
+
+def _label_settings_hashed(label: LabelSection) -> dict[str, Any]:
+    settings, defaults = label.model_dump(mode="json"), LabelSection().model_dump(mode="json")
+    return {name: value for name, value in settings.items() if name not in LabelSection.SPEED_ONLY
+            and (name in _LABEL_SETTINGS_HASHED_FIRST or value != defaults[name])}
 
 
 def _hash_input(path: Path, stage: str) -> str:
@@ -303,21 +318,10 @@ def _generate(config: PipelineConfig, output: Path) -> StageOutput:
 
 
 def _label(config: PipelineConfig, candidates: Path, output: Path) -> StageOutput:
-    from align.label.stages import label_judge, label_rules
-
-    label = config.label
-    if label.argilla is not None:
+    if config.label.argilla is not None:
         return _label_with_people(config, candidates, output)
-    if label.judge_model:
-        from align.label.judge import make_backend
-
-        backend = make_backend(label.judge_model, base_url=label.judge_base_url, api_key_env=label.judge_api_key_env)
-        result = label_judge(candidates, output, backend=backend,
-                             settings=JudgeSettings(mode=label.mode), rules_path=label.rules)
-    elif label.rules:
-        result = label_rules(candidates, label.rules, output)
-    else:
-        raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
+    settings = config.label.model_dump(exclude={"argilla"})
+    result = run_label(LabelConfig(**settings, candidates=candidates, output=output))
     return StageOutput({"judgements": Path(result.output)}, {"written": result.written, "labels": dict(result.labels)})
 
 

@@ -8,32 +8,42 @@ is refused rather than mixing two labelers in one file.
 
 What gets judged: every candidate with text, except those the teacher marked
 ``empty`` or ``duplicate_of`` another (they can only make empty or tied pairs).
+
+:func:`run_label` is the stage as one call (``LabelConfig`` -> ``LabelResult``): the rules alone
+(:func:`label_rules`) or the judge after them (:func:`label_judge`). The pipeline's ``label``
+section is :class:`LabelSettings`, so it can set every setting the stage has.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
+from align.config import StrictConfig, text_or_file
 from align.data.io import JsonlAppender, iter_rows
 from align.data.records import Candidate, CandidateSet, JudgedResponse, Judgement, JudgeInfo, content_hash, text_of
 from align.data.validate import load_records
 from align.errors import ConfigError
 from align.label.combine import DEFAULT_RULES_MARGIN, decide_by_rules
-from align.label.judge import Backend, Judge, JudgeSettings, render_prompt
+from align.label.judge import Backend, Judge, JudgeSettings, Mode, Scale, make_backend, render_prompt
 from align.label.routing import mark_for_review
 from align.label.rules import ResponseView, RuleResult, RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
 _ERRORS_SHOWN_PER_RULE = 5
+
+# make_backend's own defaults (batch size, answer cut, concurrency), so LabelSettings cannot drift from them.
+_BACKEND_DEFAULTS = {name: p.default for name, p in inspect.signature(make_backend).parameters.items()}
 
 
 @dataclass
@@ -75,6 +85,73 @@ class LabelResult:
         for rule, count in sorted(self.rule_errors.items()):
             out.append(f"  rule '{rule}' raised on {count} records (skipped for them; --strict makes this fatal)")
         return out
+
+
+class LabelSettings(StrictConfig):
+    """How the label stage labels: by a rules file, by an LLM judge, or both (the rules settle what they can,
+    the judge the rest). mode, scale, rubric, tie_margin and length_penalty are the judge's settings
+    (:class:`align.label.judge.JudgeSettings`, with its defaults); the rest are ``align label judge``'s options
+    of the same names."""
+
+    rules: Path | None = Field(None, description="rules YAML (align label rules format)")
+    judge_model: str | None = Field(None, description="an LLM judge: bundled:..., a folder, a hub id, or the "
+                                                      "served model's name with judge_base_url")
+    judge_base_url: str | None = Field(None, description="an OpenAI-compatible server for the judge")
+    judge_api_key_env: str | None = Field(None, description="the environment variable holding its API key")
+    mode: Mode = JudgeSettings.mode
+    scale: Scale = JudgeSettings.scale
+    rubric: str | None = Field(JudgeSettings.rubric, description="the judge's instructions: text or @file")
+    tie_margin: float = Field(JudgeSettings.tie_margin, ge=0.0, le=0.5,
+                              description="|P - 0.5| at or below this is a tie")
+    length_penalty: float = Field(JudgeSettings.length_penalty, ge=0.0,
+                                  description="moves verdicts against the longer answer (0: only report it)")
+    rules_margin: float = Field(DEFAULT_RULES_MARGIN, description="rule-score gap at which rules decide a pair")
+    max_response_tokens: int = Field(_BACKEND_DEFAULTS["max_response_tokens"], ge=1,
+                                     description="a local judge reads at most this much of each answer")
+    batch_size: int = Field(_BACKEND_DEFAULTS["batch_size"], ge=1,
+                            description="questions per forward pass (local judge)")
+    concurrency: int = Field(_BACKEND_DEFAULTS["concurrency"], ge=1,
+                             description="parallel requests (HTTP judge)")
+
+    # Settings that change how fast the labels come, not which labels: the judge leaves them out of its
+    # config hash, so a labeling resumed with another batch size or concurrency carries on in the same file.
+    SPEED_ONLY: ClassVar[frozenset[str]] = frozenset({"batch_size", "concurrency"})
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML's `scale: 10`
+
+    @field_validator("rubric")
+    @classmethod
+    def _read_rubric(cls, value: str | None) -> str | None:
+        return text_or_file(value, "rubric")
+
+    def judge_settings(self) -> JudgeSettings:
+        return JudgeSettings(mode=self.mode, scale=self.scale, rubric=self.rubric, tie_margin=self.tie_margin,
+                             length_penalty=self.length_penalty)
+
+
+class LabelConfig(LabelSettings):
+    """The label stage's config: its settings, the candidates it reads and the judgements file it writes."""
+
+    candidates: Path
+    output: Path
+    progress: bool = True
+
+
+def run_label(config: LabelConfig) -> LabelResult:
+    """Label ``config.candidates`` into ``config.output``: with the judge when there is one (after the rules,
+    if given), else with the rules alone."""
+    if config.judge_model:
+        backend = make_backend(config.judge_model, base_url=config.judge_base_url,
+                               api_key_env=config.judge_api_key_env, batch_size=config.batch_size,
+                               max_response_tokens=config.max_response_tokens, concurrency=config.concurrency)
+        return label_judge(config.candidates, config.output, backend=backend, settings=config.judge_settings(),
+                           rules_path=config.rules, rules_margin=config.rules_margin, progress=config.progress)
+    if config.rules:
+        return label_rules(config.candidates, config.rules, config.output, progress=config.progress)
+    raise ConfigError("label: give `rules` (a rules YAML) and/or `judge_model`")
 
 
 def judgeable(candidates: CandidateSet, result: LabelResult | None = None) -> list[Candidate]:
