@@ -3,9 +3,9 @@
 align reaches under these libraries' public APIs, so a new minor version can change what a run
 computes without an error:
 
-- TRL: ``align.train.ref_cache`` overrides ``_precompute_ref_logps``, ``align.train.heldout``
-  ``_compute_loss``, ``align.train.lm_head`` swaps TRL's fused LM-head kernel, and
-  ``align.train.prefix_sharing`` its collation and forward; distillation subclasses
+- TRL: ``align.train.speedups.ref_cache`` overrides ``_precompute_ref_logps``, ``align.train.heldout``
+  ``_compute_loss``, ``align.train.speedups.lm_head`` swaps TRL's fused LM-head kernel, and
+  ``align.train.speedups.prefix_sharing`` its collation and forward; distillation subclasses
   ``trl.experimental.gkd``.
 - transformers: ``align.generate.decode`` edits ``DynamicCache`` layers in place (select, merge,
   left-pad rows).

@@ -101,13 +101,12 @@ def test_text_or_file_reads_at_paths_and_names_the_file_it_cannot_use(tmp_path: 
 
 
 def test_every_at_file_setting_reads_through_the_one_reader(tmp_path: Path) -> None:
-    from align.cli.argilla import _guidelines
-    from align.cli.label import _rubric
+    from align.cli.options import text_or_file_option
     from align.generate.config import GenerateConfig
 
     missing = tmp_path / "missing.md"
-    for read, flag in ((_guidelines, "--guidelines"), (_rubric, "--rubric")):
-        with pytest.raises(ConfigError, match=f"{flag} @{missing}: .*file {missing} does not exist"):
-            read(f"@{missing}")
+    for flag, what in (("--guidelines", "guidelines"), ("--rubric", "rubric")):
+        with pytest.raises(ConfigError, match=f"{flag} @{missing}: {what} file {missing} does not exist"):
+            text_or_file_option(f"@{missing}", flag, what)
     with pytest.raises(ValueError, match=f"system prompt file {missing} does not exist"):
         GenerateConfig(prompts=tmp_path / "p.jsonl", output=tmp_path / "c.jsonl", system_prompt=f"@{missing}")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from align.cli.options import text_or_file_option
+
 app = typer.Typer(help="People label in Argilla: run a local one, push candidates with suggestions, pull answers.",
                   no_args_is_help=True)
 
@@ -51,16 +53,6 @@ def status(home: Path = _HOME) -> None:
         raise typer.Exit(1)
 
 
-def _guidelines(value: str | None) -> str | None:
-    from align.config import text_or_file
-    from align.errors import ConfigError
-
-    try:
-        return text_or_file(value, "guidelines")
-    except ValueError as exc:
-        raise ConfigError(f"--guidelines {value}: {exc}") from None
-
-
 @app.command()
 def push(
     candidates: Path = typer.Argument(..., help="Candidates JSONL from `align generate`."),
@@ -89,7 +81,7 @@ def push(
     settings = resolve_settings(config, home=home, workspace=workspace)
     _echo(run_push(candidates, dataset, settings, judgements_path=judgements, task=task,
                    only_uncertain=only_uncertain, min_confidence=min_confidence, min_submitted=min_submitted,
-                   guidelines=_guidelines(guidelines), force=force).lines())
+                   guidelines=text_or_file_option(guidelines, "--guidelines", "guidelines"), force=force).lines())
 
 
 @app.command()

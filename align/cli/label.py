@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from align.cli.options import text_or_file_option
 from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
 
 app = typer.Typer(help="Label candidates automatically: rules, an LLM judge; agreement between labelers.",
@@ -31,16 +32,6 @@ def rules(
     from align.label.stages import label_rules
 
     _echo(label_rules(candidates, rules_file, output, strict=strict, progress=progress).lines())
-
-
-def _rubric(value: str | None) -> str | None:
-    from align.config import text_or_file
-    from align.errors import ConfigError
-
-    try:
-        return text_or_file(value, "rubric")
-    except ValueError as exc:
-        raise ConfigError(f"--rubric {value}: {exc}") from None
 
 
 @app.command()
@@ -83,7 +74,8 @@ def judge(
         raise ConfigError("--base-url needs --model: the model name the server serves")
     backend = make_backend(model or DEFAULT_MODEL, base_url=base_url, api_key_env=api_key_env, batch_size=batch_size,
                            max_response_tokens=max_response_tokens, concurrency=concurrency)
-    settings = JudgeSettings(mode=mode, scale=scale, rubric=_rubric(rubric), tie_margin=tie_margin,  # type: ignore[arg-type]
+    settings = JudgeSettings(mode=mode, scale=scale,  # type: ignore[arg-type]
+                             rubric=text_or_file_option(rubric, "--rubric", "rubric"), tie_margin=tie_margin,
                              length_penalty=length_penalty)
     result = label_judge(candidates, output, backend=backend, settings=settings, rules_path=rules_file,
                          rules_margin=rules_margin, route_below=route_below, review=review, strict=strict,

@@ -19,7 +19,7 @@ The numbers are those of separate forward passes up to float rounding
 (tests/test_label_judge.py compares them). Against every question on its own
 it is 1.5x fewer tokens on the benchmark's pairs (64 prompts, a pair each) and
 2x fewer on all pairs of four candidates per prompt (scripts/bench/judge.py).
-The same idea trains DPO (align.train.prefix_sharing).
+The same idea trains DPO (align.train.speedups.prefix_sharing).
 """
 
 from __future__ import annotations

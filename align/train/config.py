@@ -41,7 +41,19 @@ class LoraSettings(StrictConfig):
                           target_modules=self.target_modules, task_type="CAUSAL_LM")
 
 
-class TrainConfig(StrictConfig):
+class LoraSwitch(StrictConfig):
+    """A config with a ``lora`` field that also takes ``lora: false`` / ``lora: true``, the natural ways to say it
+    on a command line (false: a full fine-tune; true: the default LoRA settings)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_switch(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("lora"), bool):
+            data = {**data, "lora": {} if data["lora"] else None}
+        return data
+
+
+class TrainConfig(LoraSwitch):
     """Everything a DPO/KTO run needs. Unknown keys are checked against TRL's config for the method."""
 
     model_config = StrictConfig.model_config | {"extra": "allow"}
@@ -74,14 +86,6 @@ class TrainConfig(StrictConfig):
         "already keeps the cores busy and a smaller batch means less activation memory and padding; the whole "
         "batch on a GPU. null: the whole batch")
     trust_remote_code: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lora_switch(cls, data: Any) -> Any:
-        # `lora: false` / `lora: true` are the natural ways to say it on a command line.
-        if isinstance(data, dict) and isinstance(data.get("lora"), bool):
-            data = {**data, "lora": {} if data["lora"] else None}
-        return data
 
     @field_validator("eval_split", mode="before")
     @classmethod
@@ -179,6 +183,14 @@ def _check_simple_type(key: str, value: Any, annotation: Any) -> None:
         raise ValueError(f"'{key}' must be true or false, got {value!r}")
 
 
+def run_defaults() -> dict[str, Any]:
+    """What every align trainer (DPO, KTO, distillation) sets the same way: no activation recompute (TRL's
+    gradient checkpointing only costs time on a model that fits), a metrics row every step and two checkpoints
+    (readable curves, resume), no tracker unless asked, seed 0."""
+    return {"gradient_checkpointing": False, "logging_steps": 1, "save_strategy": "steps", "save_steps": 50,
+            "save_total_limit": 2, "report_to": [], "seed": 0}
+
+
 def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool = True) -> dict[str, Any]:
     """align's defaults over TRL's, each for a reason.
 
@@ -189,7 +201,7 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       backward pass; for models that fit comfortably it only costs time, so it is
       off (``gradient_checkpointing: true`` turns it on). ``selective_recompute: true`` keeps each
       layer's matmul and attention outputs and recomputes only the element-wise
-      rest (align.train.recompute): less memory, but slower steps on a CPU, so it
+      rest (align.train.speedups.recompute): less memory, but slower steps on a CPU, so it
       is off unless asked for.
     - CPU needs fp32 (``use_cpu``, no bf16); a GPU gets bf16 and TF32.
     - Learning rate and DPO loss were chosen on the quality suite (scripts/bench/quality.py: held-out
@@ -201,20 +213,13 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       TRL's ``sft`` term beside the sigmoid loss (RPO, https://arxiv.org/abs/2404.19733: the NLL of the chosen
       answer keeps the student writing answers like the good ones, not only further from the bad ones):
       see the README's quality section for the figures. TRL's own 1e-6 barely moves a LoRA adapter.
-    - Logging every step to a local metrics file and keeping two checkpoints makes
-      curves readable and resume possible.
+    - The rest as every align trainer has it (:func:`run_defaults`).
     """
     defaults: dict[str, Any] = {
+        **run_defaults(),
         "precompute_ref_log_probs": True,
         # KTO keeps the rate it had until the suite has measured it (README, quality section)
         "learning_rate": (2e-4 if method == "dpo" else 5e-5) if lora else 5e-6,
-        "gradient_checkpointing": False,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "report_to": [],
-        "seed": 0,
     }
     if on_gpu:
         defaults.update(bf16=bf16_ok, tf32=True)

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator, model_validator
 from align.config import StrictConfig, as_number, text_or_file
 from align.errors import ConfigError
 from align.models import DEFAULT_MODEL
-from align.train.config import LoraSettings, _check_simple_type
+from align.train.config import LoraSettings, LoraSwitch, _check_simple_type, run_defaults
 from align.train.distill.losses import SparseTail
 from align.versions import check_tested_versions
 
@@ -31,7 +31,7 @@ _OWNED_BY_ALIGN = {"teacher_model_name_or_path": "teacher", "teacher_model_init_
                    "output_dir": "output_dir", "dataset_kwargs": None, "remove_unused_columns": None}
 
 
-class DistillConfig(StrictConfig):
+class DistillConfig(LoraSwitch):
     """Everything a distillation run needs. Unknown keys are checked against TRL's ``GKDConfig``."""
 
     model_config = StrictConfig.model_config | {"extra": "allow"}
@@ -50,13 +50,6 @@ class DistillConfig(StrictConfig):
     sparse: bool | None = Field(None, description="use the stored top-k log-probs; default: when no teacher is given")
     sparse_tail: SparseTail = Field("bucket", description="the mass outside the teacher's top-k: bucket | renormalize")
     trust_remote_code: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _lora_switch(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("lora"), bool):
-            data = {**data, "lora": {} if data["lora"] else None}
-        return data
 
     @field_validator("teacher_system_prompt")
     @classmethod
@@ -109,21 +102,13 @@ def distill_trl_defaults(config: DistillConfig, *, on_gpu: bool, bf16_ok: bool) 
     - ``temperature`` 1.0: it is also the loss temperature here (see the module docstring).
     - ``lmbda`` 0 without a teacher model: stored log-probs cannot score the student's own samples.
     - A LoRA update needs roughly ten times a full fine-tune's learning rate.
-    - Gradient checkpointing recomputes every activation; for small students it only costs time.
     - CPU needs fp32 (``use_cpu``, no bf16); a GPU gets bf16 and TF32.
-    - Logging every step to the run dir's metrics file, and two checkpoints, make curves readable
-      and resume possible.
+    - The rest as every align trainer has it (:func:`align.train.config.run_defaults`).
     """
     defaults: dict[str, Any] = {
+        **run_defaults(),
         "temperature": 1.0,
         "learning_rate": 1e-4 if config.lora is not None else 1e-5,
-        "gradient_checkpointing": False,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "report_to": [],
-        "seed": 0,
     }
     if config.uses_stored_logprobs:
         defaults.update(lmbda=0.0, seq_kd=False)
