@@ -13,9 +13,9 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import argilla as rg
-
+from align import extras
 from align.argilla.items import Item, SuggestionIndex, build_items, choose_task
 from align.argilla.remote import ensure_dataset, external_ids
 from align.argilla.schema import ALIGN_METADATA, TASKS, dataset_settings, main_question, response_field
@@ -23,6 +23,9 @@ from align.argilla.settings import ArgillaSettings, ArgillaUnavailable, connect
 from align.data.records import CandidateSet, Judgement, Text, is_conversational, to_plain
 from align.data.validate import load_records
 from align.errors import AlignError, ConfigError
+
+if TYPE_CHECKING:
+    import argilla as rg
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,7 @@ def render_prompt(prompt: Text) -> str:
 
 
 def to_record(item: Item) -> rg.Record:
+    rg = extras.argilla()
     fields = {"prompt": render_prompt(item.prompt)}
     fields.update({response_field(item.task, i): r.text for i, r in enumerate(item.responses)})
     provenance = {"prompt_id": item.prompt_id, "prompt_hash": item.prompt_hash,

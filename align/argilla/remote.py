@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Collection, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import argilla as rg
-from argilla._exceptions import ArgillaError
-
+from align import extras
 from align.argilla.schema import differences
 from align.errors import AlignError
+
+if TYPE_CHECKING:
+    import argilla as rg
 
 _PAGE = 1000  # the endpoint's largest page
 
@@ -66,6 +67,7 @@ def ensure_dataset(client: rg.Argilla, name: str, settings: rg.Settings, *, work
         else:
             notes.extend(_update_in_place(existing, settings, update))
             return existing, notes
+    rg = extras.argilla()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dataset = rg.Dataset(name=name, settings=settings, workspace=workspace, client=client).create()
@@ -83,6 +85,9 @@ def _update_in_place(dataset: rg.Dataset, settings: rg.Settings, update: Collect
         notes.append(f"min_submitted {current.distribution.min_submitted} -> {settings.distribution.min_submitted}")
         current.distribution = settings.distribution
     if notes:
+        extras.argilla()
+        from argilla._exceptions import ArgillaError
+
         try:
             dataset.update()
         except ArgillaError as exc:  # e.g. the distribution of a dataset that already has answers

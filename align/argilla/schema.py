@@ -12,9 +12,12 @@ needs nothing but the dataset.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import argilla as rg
+from align import extras
+
+if TYPE_CHECKING:
+    import argilla as rg
 
 TASKS: tuple[str, ...] = ("pairwise", "single", "ranking")
 
@@ -63,6 +66,7 @@ def main_question(task: str) -> str:
 def dataset_settings(task: str, *, responses: int, min_submitted: int = 1,
                      guidelines: str | None = None) -> rg.Settings:
     """The dataset's settings; ``responses`` is the number of responses per record (ranking only)."""
+    rg = extras.argilla()
     count = {"pairwise": 2, "single": 1}.get(task, responses)
     fields = [rg.TextField(name="prompt", title="Prompt", use_markdown=True)]
     titles = {"pairwise": ["Response A", "Response B"], "single": ["Response"]}.get(task) \

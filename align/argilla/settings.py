@@ -72,8 +72,11 @@ def resolve_settings(config: str | Path | None = None, *, home: Path | None = No
 
 def connect(settings: ArgillaSettings) -> "rg.Argilla":
     """An SDK client, or an error that names the URL tried and how to get a running Argilla."""
-    import argilla as rg
     import httpx
+
+    from align import extras
+
+    rg = extras.argilla()
     from argilla._exceptions import ArgillaCredentialsError
 
     url = settings.api_url

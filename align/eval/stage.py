@@ -379,8 +379,9 @@ def _run_beta(model: str) -> float:
 def _log_wandb(config: EvalConfig, metrics: dict[str, Any], out: Path) -> None:
     import os
 
-    import wandb
+    from align import extras
 
+    wandb = extras.wandb()  # wandb is an optional extra: a missing one says how to install it
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
     run = wandb.init(project=os.environ.get("WANDB_PROJECT", "align"), job_type="eval", dir=str(out),

@@ -50,9 +50,16 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def configure_wandb(report_to: list[str], run_dir: str) -> str | None:
-    """wandb without a network or a key runs offline into the run dir instead of failing."""
+    """wandb without a network or a key runs offline into the run dir instead of failing.
+
+    Called before any model loads, so a missing wandb (an optional extra) stops the run here with
+    the install line, not after loading, in TRL's callback.
+    """
     if "wandb" not in report_to:
         return None
+    from align import extras
+
+    extras.wandb()
     os.environ.setdefault("WANDB_DIR", run_dir)
     if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         os.environ["WANDB_MODE"] = "offline"
