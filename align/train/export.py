@@ -14,8 +14,8 @@ def export_run(run: str, output: str | Path, *, merge: bool = False) -> Path:
     if source.kind == "adapter" and not merge:
         raise AlignError(f"{run} is a LoRA adapter: pass --merge to write a full model folder "
                          f"(or use the adapter folder {source.adapter} as it is)")
-    model = load_model(run, merge_adapter=merge, device="cpu")
-    tokenizer = load_tokenizer(run)
+    model = load_model(source, merge_adapter=merge, device="cpu")  # loaded from the one resolve above
+    tokenizer = load_tokenizer(source)
     output = Path(output)
     if output.exists():
         raise AlignError(f"{output} exists; choose a new folder")

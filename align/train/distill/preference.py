@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from align.config import text_or_file
 from align.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from align.models import ModelSource
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,7 @@ class ChosenDistillSettings:
     beta: float = 0.0
     temperature: float = 1.0
     trust_remote_code: bool = False
+    teacher_source: ModelSource | None = None  # ``teacher`` resolved once (None: the mixin resolves it)
 
 
 def teacher_prompt_ids(tokenizer: Any, prompt: Any, system_prompt: str | None) -> list[int]:
@@ -105,15 +109,17 @@ class ChosenDistillMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
-        from align.models import load_model, load_tokenizer
+        from align.models import load_model, load_tokenizer, resolve_model
         from align.train.distill.tokens import check_same_logit_width, check_same_vocabulary
 
         trainer: Any = self
         settings = self._settings()
+        source = settings.teacher_source or resolve_model(settings.teacher)
         student_name = getattr(trainer.model.config, "name_or_path", "the student")
-        check_same_vocabulary(trainer.processing_class, load_tokenizer(settings.teacher), student_name=student_name,
-                              teacher_name=settings.teacher)
-        teacher = load_model(settings.teacher, merge_adapter=True, trust_remote_code=settings.trust_remote_code)
+        check_same_vocabulary(trainer.processing_class,
+                              load_tokenizer(source, trust_remote_code=settings.trust_remote_code),
+                              student_name=student_name, teacher_name=settings.teacher)
+        teacher = load_model(source, merge_adapter=True, trust_remote_code=settings.trust_remote_code)
         teacher.requires_grad_(False).eval()
         check_same_logit_width(trainer.model, teacher, student_name=student_name, teacher_name=settings.teacher)
         trainer.align_teacher = trainer.accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -202,15 +208,18 @@ def _split(inputs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | Non
 
 def train_with_distillation(config: PreferenceDistillConfig, *, resume: bool = False) -> Any:
     """`align train dpo` with the KD term; a plain DPO run when ``distill_weight`` is 0."""
+    from align.models import resolve_model
     from align.train.run import train
 
     if not config.distill_weight:
         return train(config, resume=resume)
     assert config.teacher is not None
+    # Resolved once, before any model loads (a bad teacher spec fails first); the mixin loads from it.
     settings = ChosenDistillSettings(weight=config.distill_weight, teacher=config.teacher,
                                      system_prompt=config.teacher_system_prompt, beta=config.distill_beta,
                                      temperature=config.distill_temperature,
-                                     trust_remote_code=config.trust_remote_code)
+                                     trust_remote_code=config.trust_remote_code,
+                                     teacher_source=resolve_model(config.teacher))
     log.info("DPO + %.3g x KD(teacher %s%s) on the chosen answers", config.distill_weight, config.teacher,
              ", with a system prompt" if config.teacher_system_prompt else "")
     kd_mixin = type("ChosenDistill", (ChosenDistillMixin,), {"align_distill": settings})
