@@ -14,6 +14,23 @@ placement on the device. What changes, and why:
   (TRL's ``seq_kd`` path), with the teacher's prompt.
 """
 
+# Why trl.experimental.gkd and not TRL 1.16's stable ``trl.DistillationTrainer`` (read in TRL 1.16's
+# trl/trainer/distillation_trainer.py and distillation_config.py; not yet tried as a base class here):
+# - It is on-policy only: every step the student generates a completion for each prompt and trains on
+#   that. The dataset's "prompt" column is all it reads (other columns are dropped), and its config has
+#   no ``lmbda`` and no ``seq_kd``: no training on the data's own completions, no teacher-written ones,
+#   no mixing of the three as ``completion_source`` does.
+# - Its loss needs a loaded teacher model: ``_compute_loss`` takes both models' last hidden states and
+#   ``lm_head`` weights and computes the generalized JSD (``beta``, at ``temperature`` on both sides, as
+#   here) over the full vocabulary in chunks. Nothing takes stored teacher log-probs, so the sparse top-k
+#   loss from a file (``teacher_model=None``, ``sparse_topk_divergence``) has no place to go.
+# - Student and teacher see the same ids (one ``input_ids``), so a teacher-only system prompt (context
+#   distillation) is not possible, and there is no hard-label cross-entropy share (``alpha``).
+# What it has that GKD lacks: the chunked loss never builds the (batch, length, vocab) logits, vLLM
+# generation, tool calls. Moving would mean overriding its data path, generation and _compute_loss,
+# i.e. most of it; align stays on GKD (not deprecated in 1.16; align/versions.py pins TRL 1.16.x) until
+# the stable trainer takes dataset completions and stored log-probs, or GKD leaves trl.experimental.
+
 from __future__ import annotations
 
 import random
