@@ -18,8 +18,8 @@ disjoint held-out prompts):
 Every step writes its files under ``--work`` and is skipped when they exist, so a stopped run carries on.
 Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a reward-vs-KL plot beside it.
 
-    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # all tasks, ~90 min
-    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 3 tasks, 1 seed, ~20 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~3 h on 2 cores
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~25 min
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ STEPS, BATCH = 40, 4  # the fixed training budget of every method
 CANDIDATES, CANDIDATE_TOKENS = 4, 64
 EVAL_TOKENS = 96  # longer than the candidates: a student that rambles shows as length-cap hits
 METHODS = ("align-dpo", "align-kto", "random", "trl-dpo")
-QUICK_TASKS = ("concise", "caution", "list")
+QUICK_TASKS, QUICK_METHODS = ("concise", "caution"), ("align-dpo", "random")  # the question --quick answers
 
 log = logging.getLogger("quality")
 
@@ -79,11 +79,9 @@ class Variant:
         return not self.train and not self.pairs
 
     @functools.cached_property
-    def tag(self) -> str:
-        """Names the runs by the settings they take effect with, so that a variant that equals align's defaults
-        (once they have been changed to it) shares its runs with the defaults' run instead of training again."""
+    def effective(self) -> dict[str, Any]:
+        """The settings each step takes effect with: align's defaults overlaid with the variant's."""
         from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
-        from align.data.records import content_hash
         from align.train import load_train_config
         from align.train.config import build_trl_args
 
@@ -95,7 +93,30 @@ class Variant:
             own = set(type(config).model_fields) - {"data", "output_dir"}  # TRL's keys are in trl_args
             effective[method] = {"align": config.model_dump(mode="json", include=own),
                                  "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
-        return "settings-" + content_hash(effective, 8)
+        return effective
+
+    # Runs are named by the settings they take effect with, so that a variant equal to align's defaults (once
+    # they have been changed to it) shares its runs with the defaults' instead of training again; the pairs and
+    # each trainer have their own hash, so a DPO setting does not retrain KTO.
+
+    @property
+    def tag(self) -> str:
+        from align.data.records import content_hash
+
+        return "settings-" + content_hash(self.effective, 8)
+
+    @property
+    def pairs_tag(self) -> str:
+        from align.data.records import content_hash
+
+        return "pairs-" + content_hash(self.effective["pairs"], 8)
+
+    def train_tag(self, method: str) -> str:
+        from align.data.records import content_hash
+
+        trainer = {"align-dpo": "dpo", "random": "dpo", "align-kto": "kto"}.get(method)
+        return content_hash(self.effective[trainer], 8) if trainer else "trl-defaults"
+
 
 @dataclass(frozen=True)
 class Student:
@@ -106,10 +127,11 @@ class Student:
 
     @property
     def name(self) -> str:
-        return f"{self.method}-s{self.seed}"
+        return f"{self.method}-{self.variant.train_tag(self.method)}-s{self.seed}"
 
     def folder(self, work: Path) -> Path:
-        return work / self.task / self.variant.tag
+        """Where the task's pairs for these settings are, and the students trained on them."""
+        return work / self.task / self.variant.pairs_tag
 
 
 def load_tasks(path: Path = TASKS_FILE) -> list[Task]:
@@ -177,7 +199,7 @@ def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
     judgements = folder / "judgements.jsonl"
     if not judgements.exists():
         label_rules(candidates, task.rules, judgements)
-    data = folder / variant.tag
+    data = folder / variant.pairs_tag
     data.mkdir(exist_ok=True)
     pairs, unpaired = data / "pairs.jsonl", data / "unpaired.jsonl"
     # align's defaults, as `align pairs build` has them, unless the variant says otherwise
@@ -335,9 +357,11 @@ def _progress(pool: Any, futures: list[Any], verb: str, students: list[Student])
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 tasks and one DPO seed (~20 min)")
-    parser.add_argument("--tasks", help="comma-separated task names (default: all, or the quick three)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--quick", action="store_true",
+                        help="2 tasks, align's DPO beside the random control, one seed (~25 min)")
+    parser.add_argument("--tasks", help="comma-separated task names (default: all, or the quick two)")
+    parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
+                                             f"{','.join(QUICK_METHODS)})")
     parser.add_argument("--seeds", help="DPO seeds, e.g. 0,1,2")
     parser.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting to try instead of align's default (align-dpo, align-kto, random)")
@@ -355,7 +379,7 @@ def main() -> None:
     out = args.out or RESULTS / f"{tag}.json"
     names = args.tasks.split(",") if args.tasks else (list(QUICK_TASKS) if args.quick else None)
     tasks = [t for t in load_tasks() if names is None or t.name in names]
-    methods = tuple(args.methods.split(","))
+    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS if args.quick else METHODS
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
