@@ -1,4 +1,4 @@
-"""`align train dpo|kto|distill` and `align export`: thin wrappers over align.train."""
+"""`align train dpo|kto|sft|orpo|simpo|distill` and `align export`: thin wrappers over align.train."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Train a student with DPO, KTO or distillation on TRL (LoRA by default; key=value sets any "
-                       "TRL option).",
+app = typer.Typer(help="Train a student with DPO, KTO, SFT, ORPO, SimPO or distillation on TRL (LoRA by default; "
+                       "key=value sets any TRL option).",
                   no_args_is_help=True)
 _EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -31,8 +31,11 @@ def _run(method: str, ctx: typer.Context, config: Path | None, model: str | None
                    .format(**result.ref_cache))
     # What an accuracy means before training, when every implicit reward is 0 and ties
     accuracy_note = {"dpo": "share of pairs with chosen reward > rejected; ties count half, so 0.5 before",
-                     "kto": "share of (desirable, undesirable) rows in reward order; ties count half, so 0.5 before"}
-    for key in ("rewards/accuracies", "rewards/margins", "kl"):
+                     "kto": "share of (desirable, undesirable) rows in reward order; ties count half, so 0.5 before",
+                     "orpo": "share of pairs whose chosen answer has the higher mean log-prob",
+                     "simpo": "share of pairs whose chosen answer has the higher mean log-prob"}
+    keys = ("loss", "mean_token_accuracy") if method == "sft" else ("rewards/accuracies", "rewards/margins", "kl")
+    for key in keys:
         if key in result.eval_after:
             before = result.eval_before.get(key)
             note = f"  ({accuracy_note[method]})" if key == "rewards/accuracies" and method in accuracy_note else ""
@@ -46,19 +49,27 @@ def _command(method: str):
         ctx: typer.Context,
         config: Path = typer.Option(None, "--config", "-c", help="YAML config (TRL names: beta, max_length, ...)."),
         model: str = typer.Option(None, "--model", help="Student: hub id, folder, run dir or bundled:NAME."),
-        data: str = typer.Option(None, "--data", help="Pairs (DPO) or unpaired rows (KTO); any `align data convert` input."),
+        data: str = typer.Option(None, "--data", help=_DATA_HELP[method]),
         output_dir: str = typer.Option(None, "--output-dir", "-o", help="Run dir."),
-        reference: str = typer.Option(None, "--reference", help="'base' (default) or a model/run spec."),
+        reference: str = typer.Option(None, "--reference", help="DPO/KTO: 'base' (default) or a model/run spec."),
         resume: bool = typer.Option(False, "--resume", help="Continue from the run dir's last checkpoint."),
     ) -> None:
         _run(method, ctx, config, model, data, output_dir, reference, resume)
 
-    command.__doc__ = f"{method.upper()} training. Extra key=value arguments set config keys (e.g. max_steps=8)."
+    command.__doc__ = f"{_TITLE[method]}. Extra key=value arguments set config keys (e.g. max_steps=8)."
     return command
 
 
-app.command("dpo", context_settings=_EXTRA)(_command("dpo"))
-app.command("kto", context_settings=_EXTRA)(_command("kto"))
+_TITLE = {"dpo": "DPO training", "kto": "KTO training",
+          "sft": "SFT: learn the given answers (loss on completion tokens only); no reference model",
+          "orpo": "ORPO training (TRL's experimental ORPOTrainer); no reference model",
+          "simpo": "SimPO training (TRL's experimental CPOTrainer, loss_type simpo, cpo_alpha 0); no reference model"}
+_DATA_HELP = {"dpo": "Pairs; any `align data convert` input.",
+              "kto": "Unpaired rows (pairs are unpaired for you); any `align data convert` input.",
+              "sft": "Prompt/completion rows (`align data select`) or conversations (`messages`).",
+              "orpo": "Pairs; any `align data convert` input.", "simpo": "Pairs; any `align data convert` input."}
+for _method in ("dpo", "kto", "sft", "orpo", "simpo"):
+    app.command(_method, context_settings=_EXTRA)(_command(_method))
 
 
 @app.command("distill", context_settings=_EXTRA)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from align.data.formats import CONVERTERS, FORMATS, OUTPUT_TYPES, FieldError, detect_format, pairs_to_unpaired
+from align.data.formats import (CONVERTERS, FORMATS, OUTPUT_TYPES, FieldError, detect_format, pairs_to_unpaired,
+                                trl_kind)
 from align.data.io import Malformed, iter_rows, write_records
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
@@ -95,7 +96,7 @@ def _convert_row(fmt: str, row: Any, location: Location, input_kinds: list[str])
         raise DataError(Problem(location, exc.field, exc.message)) from None
     checked = []
     for out in outputs:
-        kind = "pairs" if "chosen" in out else "unpaired"
+        kind = trl_kind(out)
         if not input_kinds:
             input_kinds.append(kind)
         elif kind != input_kinds[0]:

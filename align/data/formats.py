@@ -10,7 +10,8 @@ Supported inputs:
   pairs, ``messages`` (or ``conversations``) + ``label`` for KTO rows. Turns use
   ``from``/``value`` (human, gpt, system) or ``role``/``content``.
 * ``trl``: TRL's own shapes, standard or conversational, explicit or implicit
-  prompt (``chosen``/``rejected`` holding the whole conversation).
+  prompt (``chosen``/``rejected`` holding the whole conversation); ``messages`` rows
+  (conversational language modeling) become SFT's prompt/completion, the last turn the completion.
 
 Each converter turns one input row into output rows (dicts in TRL's shape) or
 raises :class:`FieldError` naming the offending field.
@@ -22,7 +23,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from align.data.records import PreferencePair, UnpairedExample, content_hash, to_plain
+from align.data.records import PreferencePair, SFTExample, UnpairedExample, content_hash, to_plain
 
 FORMATS = ("hh-rlhf", "sharegpt", "trl")
 
@@ -136,16 +137,29 @@ def convert_sharegpt(row: dict[str, Any]) -> list[dict[str, Any]]:
         label = row["label"]
         if not isinstance(label, bool):
             raise FieldError("label", f"must be true or false, got {label!r}")
-        if len(conversation) < 2 or conversation[-1]["role"] != "assistant":
-            raise FieldError(key, "must end with an assistant turn after at least one user turn")
-        return [{"prompt": conversation[:-1], "completion": [conversation[-1]], "label": label}]
+        prompt, completion = split_conversation(conversation, key)
+        return [{"prompt": prompt, "completion": completion, "label": label}]
     raise FieldError("chosen", "missing: a ShareGPT row needs 'chosen'/'rejected' (pairs) or 'label' (KTO)")
 
 
 # ----------------------------------------------------------------------------- TRL
 
 
+def split_conversation(messages: list[Any], field: str) -> tuple[list[Any], list[Any]]:
+    """A conversation -> (prompt: every turn before the last, completion: the last turn, an assistant's)."""
+    last = messages[-1] if messages else None
+    if len(messages) < 2 or not isinstance(last, dict) or last.get("role") != "assistant":
+        raise FieldError(field, "must end with an assistant turn after at least one user turn")
+    return messages[:-1], [last]
+
+
 def convert_trl(row: dict[str, Any]) -> list[dict[str, Any]]:
+    if "messages" in row and "label" not in row:
+        # TRL's conversational language-modeling shape; the last assistant turn becomes the completion, so SFT's
+        # loss covers it alone (earlier turns are context).
+        prompt, completion = split_conversation(_require(row, "messages", list, "a list of messages"), "messages")
+        extra = {k: v for k, v in row.items() if k != "messages"}
+        return [{**extra, "prompt": prompt, "completion": completion}]
     if "chosen" in row and "rejected" in row:
         if "prompt" in row:
             return [dict(row)]
@@ -155,11 +169,12 @@ def convert_trl(row: dict[str, Any]) -> list[dict[str, Any]]:
             extra = {k: v for k, v in row.items() if k not in ("chosen", "rejected")}
             return [{**extra, "prompt": prompt, "chosen": c, "rejected": r}]
         raise FieldError("prompt", "missing (a text-form pair needs an explicit prompt)")
-    if "completion" in row and "label" in row:
+    if "completion" in row and ("label" in row or "prompt" in row):
         return [dict(row)]
+    expected = "expected prompt/chosen/rejected, prompt/completion(/label) or messages"
     if "prompt" in row:
-        raise FieldError("chosen", "missing: expected prompt/chosen/rejected or prompt/completion/label")
-    raise FieldError("prompt", "missing: expected prompt/chosen/rejected or prompt/completion/label")
+        raise FieldError("chosen", f"missing: {expected}")
+    raise FieldError("prompt", f"missing: {expected}")
 
 
 CONVERTERS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
@@ -180,9 +195,14 @@ def detect_format(row: Any) -> str | None:
         return "hh-rlhf"
     if isinstance(chosen, dict):
         return "sharegpt"
-    if ("chosen" in row and "rejected" in row) or {"prompt", "completion", "label"} <= set(row):
+    if ("chosen" in row and "rejected" in row) or {"prompt", "completion"} <= set(row) or "messages" in row:
         return "trl"
     return None
+
+
+def trl_kind(row: dict[str, Any]) -> str:
+    """The kind of a row already in TRL's shape: pairs, unpaired (KTO) or sft (prompt/completion, no label)."""
+    return "pairs" if "chosen" in row else "unpaired" if "label" in row else "sft"
 
 
 def pairs_to_unpaired(pairs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -202,4 +222,4 @@ def pairs_to_unpaired(pairs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any
             yield row
 
 
-OUTPUT_TYPES = {"pairs": PreferencePair, "unpaired": UnpairedExample}
+OUTPUT_TYPES = {"pairs": PreferencePair, "unpaired": UnpairedExample, "sft": SFTExample}

@@ -1,7 +1,8 @@
 """Typed records for every stage of the loop, in TRL's data shapes.
 
 Preference data follows TRL's names exactly (``prompt``/``chosen``/``rejected``
-for pairs, ``prompt``/``completion``/``label`` for unpaired KTO rows), in either
+for pairs, ``prompt``/``completion``/``label`` for unpaired KTO rows, ``prompt``/``completion``
+for SFT), in either
 the *standard* form (plain strings) or the *conversational* form (lists of
 ``{"role", "content"}`` messages), so files move freely between align and TRL.
 
@@ -117,6 +118,7 @@ class Candidate(BaseModel):
     empty: bool = False
     duplicate_of: str | None = None  # id of an earlier identical candidate
     logprobs: list[dict[str, Any]] | None = None  # per token, only on request
+    reasoning: str | None = None  # the teacher's reasoning, when its API returns it apart from the answer
 
 
 class CandidateSet(_Record):
@@ -143,6 +145,7 @@ class JudgedResponse(BaseModel):
 
     id: str
     text: str
+    reasoning: str | None = None  # carried from the candidate, for `align data select`
 
 
 class Judgement(_Record):
@@ -209,12 +212,11 @@ class PreferencePair(_Record):
         return self
 
 
-class UnpairedExample(_Record):
-    """TRL's unpaired (KTO) shape: ``prompt``, ``completion``, ``label`` (True = desirable)."""
+class SFTExample(_Record):
+    """TRL's prompt-completion shape, as SFT reads it: ``prompt``, ``completion`` (the answer to learn)."""
 
     prompt: Text
     completion: Text
-    label: bool
 
     @field_validator("prompt")
     @classmethod
@@ -226,6 +228,18 @@ class UnpairedExample(_Record):
     def _completion(cls, v: Text) -> Text:
         return _check_text(v, "completion", last_role="assistant")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "SFTExample":
+        if is_conversational(self.prompt) != is_conversational(self.completion):
+            raise ValueError("prompt and completion must both be text or both be message lists")
+        return self
+
+
+class UnpairedExample(SFTExample):
+    """TRL's unpaired (KTO) shape: ``prompt``, ``completion``, ``label`` (True = desirable)."""
+
+    label: bool
+
     @field_validator("label", mode="before")
     @classmethod
     def _strict_bool(cls, v: Any) -> Any:
@@ -234,12 +248,6 @@ class UnpairedExample(_Record):
             raise ValueError(f"must be true or false, got {type(v).__name__} {v!r}")
         return v
 
-    @model_validator(mode="after")
-    def _consistent(self) -> "UnpairedExample":
-        if is_conversational(self.prompt) != is_conversational(self.completion):
-            raise ValueError("prompt and completion must both be text or both be message lists")
-        return self
-
 
 RECORD_TYPES: dict[str, type[_Record]] = {
     "prompts": PromptRecord,
@@ -247,6 +255,7 @@ RECORD_TYPES: dict[str, type[_Record]] = {
     "judgements": Judgement,
     "pairs": PreferencePair,
     "unpaired": UnpairedExample,
+    "sft": SFTExample,
 }
 
 
@@ -257,6 +266,8 @@ def detect_kind(row: dict[str, Any]) -> str | None:
         return "pairs"
     if {"completion", "label"} <= keys:
         return "unpaired"
+    if {"prompt", "completion"} <= keys:
+        return "sft"
     # Judgements may carry a prompt_hash too (provenance), so test for them before candidates.
     if {"judge", "kind", "responses"} <= keys:
         return "judgements"

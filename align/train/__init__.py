@@ -1,4 +1,5 @@
-"""DPO and KTO on TRL with an explicit reference, a reference log-prob cache, pre-flight checks and resume.
+"""Training on TRL: DPO and KTO (an explicit reference, a reference log-prob cache), SFT, and the reference-free
+ORPO and SimPO; pre-flight checks, one run dir and resume for all.
 
 Python API::
 
@@ -6,6 +7,8 @@ Python API::
     result = align.train.dpo(model="bundled:smollm2-135m-instruct", data="pairs.jsonl",
                              output_dir="runs/dpo", max_steps=8)
     result = align.train.kto("configs/kto.yaml", max_steps=8)   # a YAML file plus overrides
+    result = align.train.sft(data="sft.jsonl", output_dir="runs/sft", max_steps=8)   # `align data select` rows
+    result = align.train.orpo(data="pairs.jsonl", output_dir="runs/orpo")             # also simpo
 """
 
 from __future__ import annotations
@@ -29,13 +32,21 @@ def load_train_config(method: str, config: str | Path | dict[str, Any] | TrainCo
     return load_config(TrainConfig, path, overrides, defaults=defaults, updates={**settings, "method": method})
 
 
-def dpo(config: str | Path | dict[str, Any] | TrainConfig | None = None, *, resume: bool = False, **settings: Any):
-    from align.train.run import train
+def _method(method: str):
+    def run(config: str | Path | dict[str, Any] | TrainConfig | None = None, *, resume: bool = False,
+            **settings: Any):
+        from align.train.run import train
 
-    return train(load_train_config("dpo", config, **settings), resume=resume)
+        return train(load_train_config(method, config, **settings), resume=resume)
+
+    run.__name__ = run.__qualname__ = method
+    run.__doc__ = (f"{method.upper()} on TRL: ``config`` (a YAML path, dict or TrainConfig), then keyword settings "
+                   "(any align key or TRL config name); returns align.train.run.TrainResult.")
+    return run
 
 
-def kto(config: str | Path | dict[str, Any] | TrainConfig | None = None, *, resume: bool = False, **settings: Any):
-    from align.train.run import train
-
-    return train(load_train_config("kto", config, **settings), resume=resume)
+dpo = _method("dpo")
+kto = _method("kto")
+sft = _method("sft")
+orpo = _method("orpo")
+simpo = _method("simpo")

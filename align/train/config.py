@@ -1,4 +1,8 @@
-"""Training configs: align's own settings plus any TRL ``DPOConfig``/``KTOConfig`` field, by TRL's names.
+"""Training configs: align's own settings plus any field of TRL's config for the method, by TRL's names.
+
+Methods: ``dpo`` and ``kto`` (against a frozen reference), ``sft`` (``SFTConfig``), and the reference-free
+preference losses ``orpo`` (``trl.experimental.orpo.ORPOConfig``) and ``simpo`` (``trl.experimental.cpo.CPOConfig``
+with SimPO's loss).
 
 A config is flat, as TRL's are: ``beta``, ``loss_type``, ``max_length``,
 ``learning_rate``, ``max_steps``, ``per_device_train_batch_size`` ... sit beside
@@ -22,7 +26,10 @@ from align.versions import check_tested_versions
 
 log = logging.getLogger(__name__)
 
-Method = Literal["dpo", "kto"]
+Method = Literal["dpo", "kto", "sft", "orpo", "simpo"]
+# Methods trained against a frozen reference model (the KL anchor). SFT, ORPO and SimPO use none: nothing of a
+# reference is loaded, computed or cached for them.
+REFERENCE_METHODS = frozenset({"dpo", "kto"})
 
 
 class LoraSettings(StrictConfig):
@@ -54,7 +61,8 @@ class LoraSwitch(StrictConfig):
 
 
 class TrainConfig(LoraSwitch):
-    """Everything a DPO/KTO run needs. Unknown keys are checked against TRL's config for the method."""
+    """Everything a training run needs (DPO, KTO, SFT, ORPO, SimPO). Unknown keys are checked against TRL's config
+    for the method."""
 
     model_config = StrictConfig.model_config | {"extra": "allow"}
 
@@ -108,6 +116,12 @@ class TrainConfig(LoraSwitch):
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"unknown key '{key}' for {self.method.upper()}{hint}")
             _check_simple_type(key, value, fields[key])
+        if self.method not in REFERENCE_METHODS and self.reference != "base":
+            raise ValueError(f"'reference' is set, but {self.method.upper()} uses no reference model: remove it "
+                             "(DPO and KTO take one)")
+        if self.method == "simpo" and self.trl_overrides.get("loss_type", "simpo") != "simpo":
+            raise ValueError("method simpo is TRL's CPO trainer with loss_type simpo; remove loss_type (CPO's other "
+                             "losses are not offered)")
         return self
 
     @property
@@ -116,10 +130,27 @@ class TrainConfig(LoraSwitch):
         return dict(self.model_extra or {})
 
 
-def trl_config_class(method: str) -> type:
-    from trl import DPOConfig, KTOConfig
+def trl_classes(method: str) -> tuple[type, type]:
+    """(TRL's config class, TRL's trainer class) for ``method``; SimPO is CPO's, with its ``simpo`` loss."""
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    return {"dpo": DPOConfig, "kto": KTOConfig}[method]
+        return ORPOConfig, ORPOTrainer
+    if method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        return CPOConfig, CPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+    return {"dpo": (DPOConfig, DPOTrainer), "kto": (KTOConfig, KTOTrainer), "sft": (SFTConfig, SFTTrainer)}[method]
+
+
+def trl_config_class(method: str) -> type:
+    return trl_classes(method)[0]
+
+
+def trl_trainer_class(method: str) -> type:
+    return trl_classes(method)[1]
 
 
 def trl_fields(method: str) -> dict[str, Any]:
@@ -217,13 +248,19 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       +0.137 (random labels +0.091) and warm +0.041 (random -0.022) at KL <= 0.1 per token and length
       <= 1.0x the reference. At 5e-5 (issue 15's trial, not re-run on the suite) it moved held-out answers
       +0.065, about what random labels did.
+    - SFT, ORPO and SimPO have no reference. SFT's loss is on completion tokens only (TRL decides that from the
+      data's shape; set here so ``trl_args.json`` says it) at the same LoRA rate, or TRL's 2e-5 for a full
+      fine-tune. SimPO is CPO's trainer with ``loss_type: simpo`` and no behaviour-cloning term (``cpo_alpha``
+      0) at SimPO's beta 2.0 and target margin gamma 1.0 (gamma/beta 0.5; Meng et al. 2024,
+      https://arxiv.org/abs/2405.14734): its rewards are mean per-token log-probs, so TRL's beta 0.1 would
+      barely separate them. ORPO keeps TRL's beta (its lambda) of 0.1, the paper's. Neither was measured on the
+      quality suite yet; their LoRA rate is DPO's.
     - The rest as every align trainer has it (:func:`run_defaults`).
     """
-    defaults: dict[str, Any] = {
-        **run_defaults(),
-        "precompute_ref_log_probs": True,
-        "learning_rate": 2e-4 if lora else 5e-6,
-    }
+    full_finetune_rate = 2e-5 if method == "sft" else 5e-6
+    defaults: dict[str, Any] = {**run_defaults(), "learning_rate": 2e-4 if lora else full_finetune_rate}
+    if method in REFERENCE_METHODS:
+        defaults["precompute_ref_log_probs"] = True
     if on_gpu:
         defaults.update(bf16=bf16_ok, tf32=True)
     else:
@@ -232,6 +269,10 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
         defaults["loss_type"] = ["sigmoid", "sft"]  # equal weights (TRL: loss_weights None)
     if method == "kto":
         defaults["per_device_train_batch_size"] = 4
+    if method == "sft":
+        defaults["completion_only_loss"] = True
+    if method == "simpo":
+        defaults.update(loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0)
     return defaults
 
 
@@ -239,7 +280,7 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
                    extra_loss: str | None = None) -> Any:
     """The TRL config object: align's defaults, then the user's explicit settings (``extra_loss``: see
     :func:`resolve_micro_batch`)."""
-    check_tested_versions()  # every DPO/KTO run passes here before a model is loaded (align.versions: why)
+    check_tested_versions()  # every run of align.train.run passes here before a model is loaded (align.versions: why)
     args = align_trl_defaults(config.method, on_gpu=on_gpu, bf16_ok=bf16_ok, lora=config.lora is not None)
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"

@@ -8,16 +8,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.data.formats import CONVERTERS, FieldError, detect_format, pairs_to_unpaired
+from align.data.formats import CONVERTERS, OUTPUT_TYPES, FieldError, detect_format, pairs_to_unpaired, trl_kind
 from align.data.io import Malformed, iter_rows, sha256_of
-from align.data.records import PreferencePair, UnpairedExample, detect_kind, to_plain
+from align.data.records import detect_kind, to_plain
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
 
 log = logging.getLogger(__name__)
 
-TRL_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label")}
-NEEDED_KIND = {"dpo": "pairs", "kto": "unpaired"}
+TRL_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "unpaired": ("prompt", "completion", "label"),
+               "sft": ("prompt", "completion")}
+NEEDED_KIND = {"dpo": "pairs", "kto": "unpaired", "sft": "sft", "orpo": "pairs", "simpo": "pairs"}
+_HOLDS = {"pairs": "pairs (prompt/chosen/rejected)", "unpaired": "unpaired (KTO) rows (prompt/completion/label)",
+          "sft": "SFT rows (prompt/completion, no label)"}
+# What to do when a file holds another kind than the method reads (pairs given to KTO are unpaired on the fly).
+_INSTEAD = {
+    "pairs": "Build pairs from judgements with `align pairs build judgements.jsonl -o pairs.jsonl`",
+    "sft": "SFT learns one good answer per prompt: select them from judgements with `align data select "
+           "judgements.jsonl -o sft.jsonl` (the best answer of each prompt by the labelers' scores)",
+}
 
 
 @dataclass
@@ -30,22 +39,24 @@ class TrainingData:
 
 
 def load_training_data(path: str | Path, method: str, *, max_problems: int = 20) -> TrainingData:
-    """Rows in TRL's shape for ``method`` (pairs for DPO, unpaired for KTO), only TRL's columns.
+    """Rows in TRL's shape for ``method`` (pairs for DPO, ORPO and SimPO, unpaired for KTO, prompt/completion for
+    SFT), only TRL's columns.
 
     Pairs given to KTO are unpaired on the fly (chosen -> desirable, rejected ->
-    undesirable, as TRL's ``unpair_preference_dataset`` does); unpaired rows
-    given to DPO are an error that says how to build pairs.
+    undesirable, as TRL's ``unpair_preference_dataset`` does); any other mismatch
+    is an error that says how to make the rows the method needs.
     """
     needed = NEEDED_KIND[method]
     rows, kind, source_format = _read_any(path, max_problems)
-    if kind != needed:
-        if method == "dpo":
-            raise DataError.at(path, "holds unpaired (KTO) rows (prompt/completion/label); DPO needs pairs "
-                                     "(prompt/chosen/rejected). Build pairs from judgements with `align pairs build "
-                                     "judgements.jsonl -o pairs.jsonl`, or train on these rows with `align train kto`.")
+    if kind == "pairs" and needed == "unpaired":
         log.info("%s holds pairs; KTO uses each pair as a desirable and an undesirable row", path)
         rows = list(pairs_to_unpaired(rows))
         kind = "unpaired"
+    if kind != needed:
+        methods = sorted(m for m, k in NEEDED_KIND.items() if k == kind or (kind == "pairs" and k == "unpaired"))
+        raise DataError.at(path, f"holds {_HOLDS[kind]}; {method.upper()} needs {_HOLDS[needed]}. "
+                                 f"{_INSTEAD[needed]}, or train on these rows with "
+                                 + " / ".join(f"`align train {m}`" for m in methods) + ".")
     columns = TRL_COLUMNS[kind]
     shaped = [{c: to_plain(row[c]) for c in columns} for row in rows]
     return TrainingData(shaped, kind, str(path), sha256_of(path), source_format)
@@ -59,14 +70,13 @@ def _read_any(path: str | Path, max_problems: int) -> tuple[list[dict[str, Any]]
     for location, row in iter_rows(path, yield_malformed=True):
         try:
             for converted in _to_trl(row, location, source_format):
-                row_kind = "pairs" if "chosen" in converted else "unpaired"
+                row_kind = trl_kind(converted)
                 if kind is None:
                     kind = row_kind
                 elif row_kind != kind:
                     raise DataError(Problem(location, None, f"row is {row_kind} but earlier rows were {kind}"))
-                model = PreferencePair if kind == "pairs" else UnpairedExample
-                rows.append(parse_row(model, converted, location).to_json())
-            if source_format is None and isinstance(row, dict) and detect_kind(row) not in ("pairs", "unpaired"):
+                rows.append(parse_row(OUTPUT_TYPES[kind], converted, location).to_json())
+            if source_format is None and isinstance(row, dict) and detect_kind(row) not in TRL_COLUMNS:
                 source_format = detect_format(row)
         except DataError as exc:
             problems.extend(exc.problems)
@@ -84,15 +94,16 @@ def _to_trl(row: Any, location: Location, known_format: str | None) -> list[dict
         raise DataError(Problem(location, None, str(row)))
     if not isinstance(row, dict):
         raise DataError(Problem(location, None, f"expected a JSON object, got {type(row).__name__}"))
-    if detect_kind(row) in ("pairs", "unpaired"):
+    if detect_kind(row) in TRL_COLUMNS:
         return [row]
     fmt = known_format or detect_format(row)
     if fmt is None:
         kind = detect_kind(row)
         what = f"{kind} records" if kind else f"rows with keys {sorted(row)}"
         raise DataError(Problem(location, None, f"holds {what}, not training data: DPO needs pairs "
-                                "(prompt/chosen/rejected), KTO unpaired rows (prompt/completion/label); "
-                                "`align pairs build` makes both from judgements"))
+                                "(prompt/chosen/rejected), KTO unpaired rows (prompt/completion/label), SFT "
+                                "prompt/completion rows; `align pairs build` makes the first two from judgements, "
+                                "`align data select` the third"))
     try:
         return CONVERTERS[fmt](row)
     except FieldError as exc:

@@ -1,7 +1,9 @@
 """The training stage: a TrainConfig in, a run dir out (weights, metrics, plot, config, data hashes).
 
-The run dir is laid out by :mod:`align.train.recorder`; DPO/KTO add ``preflight.txt`` and ``diagnosis.json``.
-This module is the recipe; what makes it faster without changing the math is in :mod:`align.train.speedups`.
+One recipe for every method on TRL: DPO and KTO against a frozen reference, SFT, and the reference-free
+preference losses ORPO and SimPO (for these three nothing of a reference is loaded, computed or cached).
+The run dir is laid out by :mod:`align.train.recorder`, plus ``preflight.txt`` and (preference methods)
+``diagnosis.json``. What makes DPO/KTO faster without changing the math is in :mod:`align.train.speedups`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 from align.data.io import write_json, write_text
 from align.errors import ConfigError
 from align.models import ModelSource, load_model, load_tokenizer, resolve_model
-from align.train.config import TrainConfig, build_trl_args
+from align.train.config import REFERENCE_METHODS, TrainConfig, build_trl_args, trl_trainer_class
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
                               sample_for_run, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
@@ -47,10 +49,11 @@ class TrainResult:
 def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
                    selective_recompute: bool = False, extra_mixins: Sequence[type] = ()) -> type:
     """TRL's trainer for ``method`` with align's mixins, outermost first: ``extra_mixins``, the speed-ups
-    (align.train.speedups), the held-out reward measurement (align.train.heldout)."""
-    from trl import DPOTrainer, KTOTrainer
-
-    base = {"dpo": DPOTrainer, "kto": KTOTrainer}[method]
+    (align.train.speedups), the held-out reward measurement (align.train.heldout). The speed-ups and the
+    measurement are DPO/KTO's (reference log-probs, implicit rewards): SFT, ORPO and SimPO run TRL's trainer."""
+    base = trl_trainer_class(method)
+    if method not in REFERENCE_METHODS:
+        return type(f"Align{base.__name__}", (*extra_mixins, base), {"align_method": method})
     speedups = speedup_mixins(method, prefix_sharing=prefix_sharing, lean_lm_head=lean_lm_head,
                               selective_recompute=selective_recompute)
     mixins = (*extra_mixins, *speedups, HeldoutRewardsMixin)
@@ -65,6 +68,8 @@ def rows_needed(max_steps: int, batch_size: int, grad_accum: int, world_size: in
 
 
 def _describe_reference(config: TrainConfig, student_kind: str) -> str:
+    if config.method not in REFERENCE_METHODS:
+        return f"none ({config.method.upper()} uses no reference model)"
     if config.reference != "base":
         return f"separate model {config.reference} (frozen)"
     if student_kind == "adapter":
@@ -75,7 +80,7 @@ def _describe_reference(config: TrainConfig, student_kind: str) -> str:
 
 
 def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[type] = ()) -> TrainResult:
-    """Run DPO or KTO on TRL as ``config`` says; see the module docstring for what lands in the run dir.
+    """Train on TRL as ``config`` says; see the module docstring for what lands in the run dir.
 
     ``extra_mixins`` extend the trainer class (in front of align's own), e.g. the KD term of
     :mod:`align.train.distill.preference`; one that adds a loss term names it in ``align_extra_loss``
@@ -124,8 +129,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         # the reference is computed for those alone instead of for the whole file.
         train_rows = sample_for_run(train_rows, needed, args.seed,
                                     stratify_by="label" if config.method == "kto" else None)
-        log.info("%d steps use %d training rows; reference log-probs are computed for those only",
-                 args.max_steps, needed)
+        log.info("%d steps use %d training rows%s", args.max_steps, needed,
+                 "; reference log-probs are computed for those only" if config.method in REFERENCE_METHODS else "")
 
     reference_text = _describe_reference(config, student.kind)
     log.info("reference: %s", reference_text)
@@ -138,7 +143,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     peft_config = config.lora.peft_config() if config.lora else None
 
     store = None
-    if config.ref_cache and args.precompute_ref_log_probs:
+    if config.ref_cache and getattr(args, "precompute_ref_log_probs", False):
         weights = (_fingerprint_source(student, model) if reference is None
                    else _fingerprint_source(reference, ref_model))
         store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, weights, model))
@@ -146,11 +151,11 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
                                  _selective_recompute(config, on_gpu), extra_mixins)
     trainer_cls.align_ref_store = store
     transformers.set_seed(args.seed)
+    reference_kwargs = {"ref_model": ref_model} if config.method in REFERENCE_METHODS else {}
     trainer = trainer_cls(
-        model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(train_rows),
+        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(heldout_rows) if heldout_rows else None,
-        peft_config=peft_config, callbacks=[recorder.metrics_callback()],
+        peft_config=peft_config, callbacks=[recorder.metrics_callback()], **reference_kwargs,
     )
     recorder.record_setup(config, {
         "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
@@ -165,17 +170,14 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 
     weights_dir = recorder.save_weights(trainer, adapter=peft_config is not None)
     metrics = recorder.metrics()
-    shape = _heldout_shape(heldout_rows, config.method, tokenizer, args.max_length)
-    if getattr(args, "ld_alpha", None) is not None:
-        shape.pop("completion_tokens", None)  # LD-DPO's log-probs down-weight long tails: not per-token sums
-    diagnosis = diagnose(eval_before, eval_after, metrics, **shape)
+    diagnosis = _diagnose(config, args, heldout_rows, tokenizer, eval_before, eval_after, metrics)
     result = TrainResult(
         run_dir=str(run_dir), method=config.method, steps=output.global_step, final_loss=final_loss(metrics),
-        reference=reference_text, ref_cache=(trainer.align_ref_report or {}).get("train"),
+        reference=reference_text, ref_cache=(getattr(trainer, "align_ref_report", None) or {}).get("train"),
         eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
-        seconds=recorder.seconds(), warnings=diagnosis.warnings,
+        seconds=recorder.seconds(), warnings=diagnosis.warnings if diagnosis else [],
     )
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process and diagnosis is not None:
         _report(diagnosis)
         write_json(run_dir / "diagnosis.json", diagnosis.to_json())
     recorder.finish(trainer, tokenizer, result, metrics, title=f"{config.method.upper()} {run_dir.name}")
@@ -189,13 +191,32 @@ def _split_heldout(config: TrainConfig, rows: list[dict[str, Any]], seed: int) -
     fraction = auto_eval_split(rows) if config.eval_split == "auto" else float(config.eval_split)
     train_rows, heldout_rows = split_holdout(rows, fraction, seed)
     if heldout_rows:
-        log.info("held out %d prompts (%d rows) for reward accuracy before/after training; eval_split=0 turns it off",
-                 count_prompts(heldout_rows), len(heldout_rows))
+        log.info("held out %d prompts (%d rows) for %s before/after training; eval_split=0 turns it off",
+                 count_prompts(heldout_rows), len(heldout_rows), _heldout_figure(config.method))
     elif config.eval_split == "auto":
-        log.info("eval_split=auto: %d distinct prompts, too few to hold some out (auto needs %d); no held-out reward "
-                 "accuracy, so nothing will tell learning from memorising (eval_data gives one)",
-                 count_prompts(rows), AUTO_EVAL_MIN_PROMPTS)
+        log.info("eval_split=auto: %d distinct prompts, too few to hold some out (auto needs %d); no held-out %s, "
+                 "so nothing will tell learning from memorising (eval_data gives one)",
+                 count_prompts(rows), AUTO_EVAL_MIN_PROMPTS, _heldout_figure(config.method))
     return train_rows, heldout_rows
+
+
+def _heldout_figure(method: str) -> str:
+    return "loss on the completions" if method == "sft" else "reward accuracy"
+
+
+def _diagnose(config: TrainConfig, args: Any, heldout_rows: list[dict[str, Any]], tokenizer: Any,
+              eval_before: dict[str, float], eval_after: dict[str, float],
+              metrics: list[dict[str, Any]]) -> Diagnosis | None:
+    """align.train.diagnosis's verdict for preference methods; None for SFT (no rewards to read)."""
+    if config.method == "sft":
+        return None
+    shape = _heldout_shape(heldout_rows, config.method, tokenizer, args.max_length)
+    if getattr(args, "ld_alpha", None) is not None:
+        shape.pop("completion_tokens", None)  # LD-DPO's log-probs down-weight long tails: not per-token sums
+    if config.method not in REFERENCE_METHODS and "completion_tokens" in shape:
+        # ORPO and SimPO log mean per-token log-probs, not sums: the change per token is the change itself.
+        shape["completion_tokens"] = {side: 1.0 for side in shape["completion_tokens"]}
+    return diagnose(eval_before, eval_after, metrics, **shape)
 
 
 def _heldout_shape(rows: list[dict[str, Any]], method: str, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
@@ -207,14 +228,14 @@ def _heldout_shape(rows: list[dict[str, Any]], method: str, tokenizer: Any, max_
         return {}
     sides: dict[str, list[int]] = {"chosen": [], "rejected": []}
     for row in rows:
-        answers = ([("chosen", row["chosen"]), ("rejected", row["rejected"])] if method == "dpo"
+        answers = ([("chosen", row["chosen"]), ("rejected", row["rejected"])] if method != "kto"
                    else [("chosen" if row["label"] else "rejected", row["completion"])])
         for side, completion in answers:
             prompt_ids, completion_ids = tokenize_like_trl(tokenizer, row["prompt"], completion)
             room = len(completion_ids) if max_length is None else max(0, max_length - len(prompt_ids))
             sides[side].append(min(len(completion_ids), room))
     tokens = {side: sum(n) / len(n) for side, n in sides.items() if n}
-    size = {"pairs": len(rows)} if method == "dpo" else {"desirable": len(sides["chosen"]),
+    size = {"pairs": len(rows)} if method != "kto" else {"desirable": len(sides["chosen"]),
                                                           "undesirable": len(sides["rejected"])}
     return {"heldout": size, "completion_tokens": tokens}
 
@@ -232,8 +253,14 @@ def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
 
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:
-    # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise (align.train.heldout).
-    metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=reward_tie_tolerance(trainer.beta))
+    if trainer.align_method in REFERENCE_METHODS:
+        # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise
+        # (align.train.heldout).
+        metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=reward_tie_tolerance(trainer.beta))
+    else:
+        # SFT: TRL's loss on the completion tokens and its token accuracy. ORPO/SimPO: their rewards are the
+        # policy's own mean log-probs, which differ before training too, so TRL's strict accuracy needs no ties.
+        metrics, accuracy = trainer.evaluate(), None
     skip = ("runtime", "per_second", "preparation_time", "num_tokens")
     keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
