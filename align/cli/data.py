@@ -1,4 +1,4 @@
-"""`align data ...`: convert other people's preference files, validate any align file."""
+"""`align data ...`: convert other people's preference files, validate any align file, select SFT rows."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 from align.data.formats import FORMATS
 
-app = typer.Typer(help="Convert and validate data files.", no_args_is_help=True)
+app = typer.Typer(help="Convert and validate data files; select SFT rows from judgements.", no_args_is_help=True)
 
 
 @app.command()
@@ -53,3 +53,24 @@ def validate(
         typer.echo(f"  ... and {report.problem_count - len(report.problems)} more problems")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def select(
+    judgements: Path = typer.Argument(..., help="Judgements of the teacher's candidates (`align label ...`)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write SFT rows (prompt/completion JSONL)."),
+    top_k: int = typer.Option(1, "--top-k", help="Answers kept per prompt, best first."),
+    min_score: float = typer.Option(None, "--min-score", help="Keep no answer scoring below this (rejection sampling)."),
+    near_duplicate: float = typer.Option(0.9, "--near-duplicate",
+                                         help="Word-set Jaccard at which two answers count as one (top-k > 1)."),
+    judge_name: str = typer.Option(None, "--judge", help="Use this labeler's judgements when the file has several."),
+    reasoning: str = typer.Option("drop", "--reasoning",
+                                  help="keep: the teacher's reasoning as <think>...</think> before the answer; drop."),
+) -> None:
+    """Keep the teacher's best answer(s) per prompt by the labelers' scores, as SFT rows for `align train sft`."""
+    from align.data.select import select_sft
+
+    result = select_sft(judgements, output, top_k=top_k, min_score=min_score, near_duplicate=near_duplicate,
+                        judge=judge_name, reasoning=reasoning)
+    for line in result.lines():
+        typer.echo(line)

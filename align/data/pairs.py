@@ -123,6 +123,7 @@ class ScoredResponse:
     score: float
     filtered: bool
     position: int  # first-seen order, for stable tie-breaking
+    reasoning: str | None = None  # the teacher's reasoning, when it was given apart from the answer
 
 
 @dataclass
@@ -163,11 +164,14 @@ def group_scores(judgements: Iterable[Judgement], judge: str | None = None) -> l
     prompts: dict[str, dict[str, Any]] = {}
     for j in judgements:
         entry = prompts.setdefault(j.prompt_id, {"prompt": j.prompt, "hash": getattr(j, "prompt_hash", None),
-                                                 "texts": {}, "scores": defaultdict(list), "filtered": set(),
+                                                 "texts": {}, "reasoning": {}, "scores": defaultdict(list),
+                                                 "filtered": set(),
                                                  "judges": set()})
         entry["judges"].add(j.judge.name)
         for r in j.responses:
             entry["texts"].setdefault(r.id, r.text)
+            if r.reasoning:
+                entry["reasoning"].setdefault(r.id, r.reasoning)
         entry["filtered"] |= _filtered_ids(j)
         if j.kind == "pointwise":
             if j.score is not None:
@@ -181,7 +185,8 @@ def group_scores(judgements: Iterable[Judgement], judge: str | None = None) -> l
     for prompt_id, entry in prompts.items():
         order = list(entry["texts"])
         responses = sorted((ScoredResponse(rid, entry["texts"][rid], sum(s) / len(s), rid in entry["filtered"],
-                                           order.index(rid)) for rid, s in entry["scores"].items()),
+                                           order.index(rid), entry["reasoning"].get(rid))
+                            for rid, s in entry["scores"].items()),
                            key=lambda r: r.position)
         groups.append(PromptGroup(prompt_id, to_plain(entry["prompt"]), entry["hash"], responses,
                                   sorted(entry["judges"])))
@@ -266,7 +271,7 @@ def split_unpaired(responses: list[ScoredResponse], by: str, *, desirable_min: f
 # ----------------------------------------------------------------------------- rows in TRL's shapes
 
 
-def _messages(prompt: Any) -> Any:
+def prompt_messages(prompt: Any) -> Any:
     """Candidates answer prompts through the teacher's chat template, so a text prompt is one user turn.
 
     Keeping it as text would make TRL train on raw ``prompt + answer`` text, without
@@ -275,13 +280,13 @@ def _messages(prompt: Any) -> Any:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def _completion(text: str) -> Any:
+def completion_messages(text: str) -> Any:
     return [{"role": "assistant", "content": text}]
 
 
 def pair_row(group: PromptGroup, chosen: ScoredResponse, rejected: ScoredResponse, strategy: str) -> dict[str, Any]:
-    row = {"prompt": _messages(group.prompt), "chosen": _completion(chosen.text),
-           "rejected": _completion(rejected.text), "prompt_id": group.prompt_id,
+    row = {"prompt": prompt_messages(group.prompt), "chosen": completion_messages(chosen.text),
+           "rejected": completion_messages(rejected.text), "prompt_id": group.prompt_id,
            "prompt_hash": group.prompt_hash, "chosen_id": chosen.id, "rejected_id": rejected.id,
            "chosen_score": round(chosen.score, 6), "rejected_score": round(rejected.score, 6),
            "margin": round(chosen.score - rejected.score, 6), "judges": group.judges, "strategy": strategy}
@@ -289,7 +294,7 @@ def pair_row(group: PromptGroup, chosen: ScoredResponse, rejected: ScoredRespons
 
 
 def unpaired_row(group: PromptGroup, response: ScoredResponse, label: bool) -> dict[str, Any]:
-    row = {"prompt": _messages(group.prompt), "completion": _completion(response.text), "label": label,
+    row = {"prompt": prompt_messages(group.prompt), "completion": completion_messages(response.text), "label": label,
            "prompt_id": group.prompt_id, "prompt_hash": group.prompt_hash, "completion_id": response.id,
            "score": round(response.score, 6), "filtered": response.filtered, "judges": group.judges}
     return UnpairedExample.model_validate({k: v for k, v in row.items() if v is not None}).to_json()

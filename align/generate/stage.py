@@ -107,7 +107,7 @@ def build_candidates(job: PromptJob, completions: list[Completion], max_new_toke
         candidate = Candidate(
             id=spec.id, text=completion.text, finish_reason=completion.finish_reason,
             num_tokens=completion.num_tokens, sampling=sampling_record(job, spec.index, max_new_tokens),
-            empty=not key, logprobs=completion.logprobs,
+            empty=not key, logprobs=completion.logprobs, reasoning=completion.reasoning,
         )
         if key:
             if key in first_with_text:

@@ -196,7 +196,7 @@ def _judgement(candidates: CandidateSet, responses: list[Candidate], judge: Judg
     ids = "-vs-".join(r.id for r in responses)
     return Judgement(id=f"{candidates.prompt_id}:{ids}", prompt_id=candidates.prompt_id, prompt=candidates.prompt,
                      prompt_hash=candidates.prompt_hash, kind="pointwise" if len(responses) == 1 else "pairwise",
-                     responses=[JudgedResponse(id=r.id, text=r.text) for r in responses], judge=judge, **fields)
+                     responses=[JudgedResponse(id=r.id, text=r.text, reasoning=r.reasoning) for r in responses], judge=judge, **fields)
 
 
 # ----------------------------------------------------------------------------- rules

@@ -25,6 +25,7 @@ class Completion:
     finish_reason: str | None
     num_tokens: int | None
     logprobs: list[dict[str, Any]] | None = None
+    reasoning: str | None = None  # an OpenAI-compatible reply's reasoning_content, apart from the answer
 
 
 class Backend(Protocol):

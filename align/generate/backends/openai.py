@@ -104,12 +104,22 @@ class OpenAIBackend:
         for choice in choices:
             logprobs = _logprobs(choice.get("logprobs"))
             num_tokens = len(logprobs) if logprobs is not None else (usage_tokens if n == 1 else None)
-            text = (choice.get("message") or {}).get("content") or ""
-            completions.append(Completion(text, choice.get("finish_reason"), num_tokens, logprobs))
+            message = choice.get("message") or {}
+            completions.append(Completion(message.get("content") or "", choice.get("finish_reason"), num_tokens,
+                                          logprobs, _reasoning(message)))
         return completions
 
     def close(self) -> None:
         self.client.close()
+
+
+def _reasoning(message: dict[str, Any]) -> str | None:
+    """A reasoning model's thinking, when the server returns it apart from the answer: ``reasoning_content``
+    (vLLM's and SGLang's reasoning parsers, DeepSeek's API) or ``reasoning`` (newer vLLM, OpenRouter)."""
+    for key in ("reasoning_content", "reasoning"):
+        if isinstance(message.get(key), str) and message[key].strip():
+            return message[key]
+    return None
 
 
 def _token_id(entry: dict[str, Any]) -> int | None:
