@@ -76,14 +76,33 @@ def as_number(value: Any) -> Any:
 
 
 def _set_nested(data: dict[str, Any], path: list[str], value: Any) -> None:
-    node = data
-    for part in path[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
+    node: dict[str, Any] | list[Any] = data
+    for depth, part in enumerate(path[:-1]):
+        child = _item(node, path, depth) if isinstance(node, list) else node.get(part)
+        if not isinstance(child, (dict, list)):
             child = {}
-            node[part] = child
+            _put(node, path, depth, child)
         node = child
-    node[path[-1]] = value
+    _put(node, path, len(path) - 1, value)
+
+
+def _item(items: list[Any], path: list[str], depth: int) -> Any:
+    """The list item ``path[depth]`` names (from 0): a list in a config (e.g. a pipeline's train chain) is set item
+    by item, ``train.1.max_steps=10``; a key that is no index would otherwise replace the whole list."""
+    part = path[depth]
+    if not part.isdigit() or int(part) >= len(items):
+        example = [*path[:depth], "0", *path[depth + part.isdigit():]]
+        raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:depth])} is a list of {len(items)}; name an "
+                          f"item by its index from 0, e.g. {'.'.join(example)}")
+    return items[int(part)]
+
+
+def _put(node: dict[str, Any] | list[Any], path: list[str], depth: int, value: Any) -> None:
+    if isinstance(node, list):
+        _item(node, path, depth)  # an index that exists
+        node[int(path[depth])] = value
+    else:
+        node[path[depth]] = value
 
 
 def _key_lines(text: str) -> dict[tuple[str, ...], int]:
