@@ -23,7 +23,7 @@ def test_pipeline_configs_validate(name: str) -> None:
         load_rules(config.label.rules)
 
 
-@pytest.mark.parametrize("method", ["dpo", "kto"])
+@pytest.mark.parametrize("method", ["dpo", "kto", "sft", "orpo", "simpo"])
 def test_train_configs_validate(method: str) -> None:
     config = load_train_config(method, CONFIGS / f"{method}.yaml")
     assert config.method == method and config.lora is not None
