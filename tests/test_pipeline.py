@@ -43,21 +43,25 @@ def _config(tmp_path: Path, tiny_model_dir: Path, **train: object) -> Path:
     return path
 
 
+def kill_when_written(cmd: list[str], env: dict[str, str], marker: Path) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``marker`` exists (e.g. a training checkpoint)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"the pipeline ended before {marker} was written"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_pipeline_killed_in_training_resumes_without_redoing_earlier_stages(tiny_model_dir: Path,
                                                                             tmp_path: Path) -> None:
     config = _config(tmp_path, tiny_model_dir)
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     cmd = [sys.executable, "-m", "align", "pipeline", "run", str(config)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = run / "train" / "checkpoints" / "checkpoint-4" / "trainer_state.json"
-    deadline = time.time() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None, "the pipeline ended before training could be interrupted"
-        assert time.time() < deadline
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_written(cmd, env, run / "train" / "checkpoints" / "checkpoint-4" / "trainer_state.json")
     before = json.loads((run / "manifest.json").read_text())["stages"]
     assert [before[s]["status"] for s in ("generate", "label", "pairs", "train")] == ["done", "done", "done", "running"]
     candidates_mtime = (run / "candidates.jsonl").stat().st_mtime_ns

@@ -24,6 +24,7 @@ SHIPPED_LABEL_HASHES = {
     "pipeline-openai-judge.yaml": "42ddeee9b532f2e4050f9ecfbe18e2ea",
     "pipeline-qwen-dpo.yaml": "32fea80c334efb3395451d41579e3b72",
     "pipeline-qwen-kto.yaml": "32fea80c334efb3395451d41579e3b72",
+    "pipeline-sft-dpo.yaml": "6f805dd8fec864810fa39fb2a991e481",  # the quickstart's label settings
 }
 
 

@@ -6,14 +6,16 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Run generate -> label -> pairs -> train -> eval from one config.", no_args_is_help=True)
+app = typer.Typer(help="Run generate -> label -> pairs [-> select] -> train -> eval from one config.",
+                  no_args_is_help=True)
 
 
 @app.command("run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def run(
     ctx: typer.Context,
     config: Path = typer.Argument(..., help="Pipeline YAML (see configs/quickstart.yaml)."),
-    from_stage: str = typer.Option(None, "--from", help="Rerun from this stage: generate, label, pairs, train, eval."),
+    from_stage: str = typer.Option(None, "--from", help="Rerun from this stage: generate, label, pairs, select (SFT links only), "
+                                   "train, eval."),
 ) -> None:
     """Run (or finish) a pipeline; finished stages with unchanged inputs are skipped.
 
@@ -29,6 +31,14 @@ def run(
     m = result.eval_metrics
     typer.echo("")
     typer.echo(f"stages run: {', '.join(result.ran) or 'none'}; skipped (up to date): {', '.join(result.skipped) or 'none'}")
+    for link in result.links:
+        typer.echo(f"train link {link['link']}: from {link['started_from']}; reference: {link['reference']}")
+    for name, metrics in result.intermediate.items():
+        typer.echo(f"link {name} against the original model:")
+        for line in summary_lines(metrics):
+            typer.echo(f"  {line}")
+    if result.intermediate:
+        typer.echo("the last link against the original model:")
     for line in summary_lines(m):
         typer.echo(line)
     typer.echo(f"report: {result.report}")
