@@ -387,6 +387,8 @@ def _eval_inputs(config: PipelineConfig, manifest: Manifest) -> dict[str, Path]:
 def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None) -> PipelineResult:
     check_sections(config)
     stages = _stages(config)
+    if "select" not in stages and config.select != SelectSettings():
+        log.warning("the select section is set, but no train link is SFT: nothing reads SFT rows, so it is unused")
     if from_stage is not None and from_stage not in stages:
         raise ConfigError(f"unknown stage {from_stage!r}: choose one of {', '.join(stages)}"
                           + (" (select runs only when a train link is SFT)" if from_stage == "select" else ""))

@@ -186,6 +186,20 @@ def test_a_bad_chain_is_refused_before_anything_runs(train: Any, eval_settings: 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_select_section_without_an_sft_link_says_it_is_unused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "select": {"top_k": 2},
+                                    "generate": {"prompts": str(tmp_path / "missing.jsonl")},
+                                    "train": {"method": "dpo"}, "eval": {"prompts": "p.jsonl", "judge": "r.yaml"}}))
+    monkeypatch.setattr(align.pipeline, "_generate", lambda *_: pytest.fail("generate ran"))
+    with caplog.at_level("WARNING", logger="align.pipeline"), pytest.raises(ConfigError, match="does not exist"):
+        run_pipeline(load_pipeline_config(path))
+    assert "no train link is SFT" in caplog.text
+
+
 def test_an_override_of_a_chain_names_the_link_by_its_index() -> None:
     path = REPO / "configs" / "pipeline-sft-dpo.yaml"
     with pytest.raises(ConfigError, match=r"train is a list of 2; name an item by its index from 0, "
