@@ -1,4 +1,4 @@
-"""`align eval` on a tiny model: a model against itself is a fair coin with zero KL; statistics are honest."""
+"""`align eval` on a tiny model: a model against itself ties everywhere with zero KL; statistics are honest."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_compare_scores() -> None:
     assert compare_scores(0.5, 0.5) == TIE and compare_scores(None, 0.2) == LOSS and compare_scores(None, None) == TIE
 
 
-def test_reference_against_itself_is_a_coin_flip_with_zero_kl(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+def test_reference_against_itself_ties_on_every_prompt_with_zero_kl(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - name: short\n    max_chars: 60\n  - name: no_digits\n    must_not_match: '[0-9]'\n")
@@ -47,8 +47,12 @@ def test_reference_against_itself_is_a_coin_flip_with_zero_kl(tiny_model_dir: Pa
     assert metrics["win_rate_ci_low"] <= 0.5 <= metrics["win_rate_ci_high"]
     assert abs(metrics["kl_per_token"]) < 1e-4 and abs(metrics["kl_per_sequence"]) < 1e-3
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 40
-    # different seeds for the two sides: a model against itself is not 40 identical ties
-    assert metrics["ties"] < 40
+    # common random numbers: a model against itself draws the very same answers, so every prompt ties
+    assert metrics["ties"] == 40 and metrics["score_diff"] == 0
+    answers = {role: {r["prompt_id"]: r["responses"][0]["text"]
+                      for r in map(json.loads, (out / f"responses_{role}.jsonl").open())}
+               for role in ("model", "reference")}
+    assert answers["model"] == answers["reference"] and len(set(answers["model"].values())) > 1
     assert set(metrics["rules"]) == {"short", "no_digits"}
     assert metrics["samples_per_prompt"] == 1 and metrics["decoding"] == "sample" and metrics["kl_caveat"] is None
     assert metrics["score_diff_ci_low"] <= 0 <= metrics["score_diff_ci_high"]
