@@ -85,6 +85,8 @@ def test_select_writes_sft_rows_with_reasoning_dropped_or_kept(tmp_path: Path, c
     assert {k: rows[1][k] for k in ("prompt_id", "completion_id", "score", "rank")} == \
         {"prompt_id": "b", "completion_id": "b0", "score": 0.8, "rank": 1}
     assert load_training_data(tmp_path / "sft.jsonl", "sft").rows[0]["completion"][0]["content"] == "Paris."
+    code, out, err = run_align(capsys, "data", "validate", tmp_path / "sft.jsonl")
+    assert code == 0 and "2 records, kind: sft" in out, err
 
     select_sft(judgements, tmp_path / "keep.jsonl", min_score=0.5, reasoning="keep")
     kept = [row["completion"][0]["content"] for _, row in iter_rows(tmp_path / "keep.jsonl")]

@@ -37,7 +37,7 @@ def convert(
 
 @app.command()
 def validate(
-    file: Path = typer.Argument(..., help="Any align data file: prompts, candidates, judgements, pairs, unpaired."),
+    file: Path = typer.Argument(..., help="Any align data file: prompts, candidates, judgements, pairs, unpaired, sft."),
     kind: str = typer.Option(None, "--kind", help="Expected kind (detected from the first record if not given)."),
     max_problems: int = typer.Option(20, "--max-problems", help="How many problems to print at most."),
 ) -> None:

@@ -115,7 +115,7 @@ def validate_rows(rows: Iterable[tuple[Location, Any]], *, kind: str | None = No
             if report.kind is None:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise DataError(Problem(location, None, f"cannot tell what kind of records these are (keys: {keys}); "
-                                        "expected prompts, candidates, judgements, pairs or unpaired"))
+                                        "expected prompts, candidates, judgements, pairs, unpaired or sft rows"))
         try:
             record = parse_row(RECORD_TYPES[report.kind or "prompts"], row, location)
         except DataError as exc:
