@@ -4,12 +4,16 @@ For each preference task of ``datasets/quality/tasks.yaml`` (a user-style rules 
 disjoint held-out prompts):
 
 1. the bundled model, prompted with the task's hint, writes 4 candidates per training prompt (up to 48); the rules
-   label them; ``align pairs build`` with its defaults makes DPO pairs and KTO rows;
+   label them; ``align pairs build`` with its defaults makes DPO pairs and KTO rows, and ``align data select``
+   with its defaults keeps the best answer per prompt as SFT rows;
 2. students train for a fixed budget (40 optimizer steps of 4, LoRA, 2 CPU cores):
    - ``align-dpo``: ``align train dpo`` with its defaults (3 seeds; one with ``--quick``),
    - ``align-kto``: ``align train kto`` with its defaults on the unpaired rows of the same candidates,
    - ``random``: align's DPO defaults on the same pairs with chosen/rejected swapped by a fair coin,
-   - ``trl-dpo``: plain TRL ``DPOTrainer`` with its defaults (LoRA r=16 on all linear layers, as align's);
+   - ``trl-dpo``: plain TRL ``DPOTrainer`` with its defaults (LoRA r=16 on all linear layers, as align's),
+   - ``align-sft``: ``align train sft`` with its defaults on the selected best answers (the teacher's own, curated),
+   - ``align-orpo``, ``align-simpo``: ``align train orpo`` / ``simpo`` with their defaults on the DPO pairs
+     (no reference model);
 3. ``align eval`` puts each student against the reference (the model it started from) on the held-out
    prompts, greedy and sampled (K answers per prompt at temperature 1), and the task's rules score every
    answer: score before -> after with a prompt-clustered bootstrap 95% interval, answers improved/worsened,
@@ -17,9 +21,13 @@ disjoint held-out prompts):
 
 Every step writes its files under ``--work`` and is skipped when they exist, so a stopped run carries on.
 Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a reward-vs-KL plot beside it.
+``--methods`` trains and evaluates only the methods named; the table and JSON still show the run's other methods
+(all, or --quick's) wherever their evaluations are already in the work dir, so that running some methods later
+completes the table, with the random control beside them, instead of replacing it.
 
-    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~3 h on 2 cores
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~4 h on 2 cores
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~25 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
 """
 
 from __future__ import annotations
@@ -45,8 +53,33 @@ MODEL = "bundled:smollm2-135m-instruct"
 STEPS, BATCH = 40, 4  # the fixed training budget of every method
 CANDIDATES, CANDIDATE_TOKENS = 4, 64
 EVAL_TOKENS = 96  # longer than the candidates: a student that rambles shows as length-cap hits
-METHODS = ("align-dpo", "align-kto", "random", "trl-dpo")
-QUICK_TASKS, QUICK_METHODS = ("concise", "caution"), ("align-dpo", "random")  # the question --quick answers
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method of the suite trains: which align trainer (``align.train.<trainer>``; None: plain TRL's
+    DPOTrainer), on which file of its data folder, and whether a variant's ``--set`` settings apply to it."""
+
+    trainer: str | None
+    data: str  # in the pairs folder (Variant.pairs_tag), or for sft.jsonl the selection folder (Variant.select_tag)
+    variant_applies: bool
+
+
+# --set settings are DPO/KTO ones and apply to those trainers only: the same name can mean something else
+# elsewhere (SimPO's beta is 2.0 on mean log-probs, ORPO's beta is its lambda), so SFT, ORPO and SimPO always
+# train with align's defaults, and a variant that changes DPO settings shares their runs with the defaults.
+REGISTRY = {
+    "align-dpo": Method("dpo", "pairs.jsonl", True),
+    "align-kto": Method("kto", "unpaired.jsonl", True),
+    "random": Method("dpo", "pairs_random.jsonl", True),
+    "trl-dpo": Method(None, "pairs.jsonl", False),
+    "align-sft": Method("sft", "sft.jsonl", False),
+    "align-orpo": Method("orpo", "pairs.jsonl", False),
+    "align-simpo": Method("simpo", "pairs.jsonl", False),
+}
+METHODS = tuple(REGISTRY)
+# --quick keeps its one question (and ~25 min): the three reference-free methods would add 6 trainings of ~8 min
+QUICK_TASKS, QUICK_METHODS = ("concise", "caution"), ("align-dpo", "random")
 
 log = logging.getLogger("quality")
 
@@ -87,12 +120,14 @@ class Variant:
 
         effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
                                                **dict(self.pairs)}}
-        for method in ("dpo", "kto"):
-            config = load_train_config(method, {"data": "-", "output_dir": "-", **dict(self.train)})
+        for method in ("dpo", "kto", "sft", "orpo", "simpo"):
+            settings = dict(self.train) if method in VARIANT_TRAINERS else {}
+            config = load_train_config(method, {"data": "-", "output_dir": "-", **settings})
             trl_args = json.loads(build_trl_args(config, "-", on_gpu=False, bf16_ok=False).to_json_string())
             own = set(type(config).model_fields) - {"data", "output_dir"}  # TRL's keys are in trl_args
             effective[method] = {"align": config.model_dump(mode="json", include=own),
                                  "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
+        effective["select"] = select_defaults()
         return effective
 
     # Runs are named by the settings they take effect with, so that a variant equal to align's defaults (once
@@ -101,9 +136,11 @@ class Variant:
 
     @property
     def tag(self) -> str:
+        """Names a variant's results file: a hash of what a variant can change (the pairs, DPO, KTO), the same
+        content as before SFT/ORPO/SimPO joined, so earlier variants' files keep their names."""
         from align.data.records import content_hash
 
-        return "settings-" + content_hash(self.effective, 8)
+        return "settings-" + content_hash({key: self.effective[key] for key in ("pairs", *VARIANT_TRAINERS)}, 8)
 
     @property
     def pairs_tag(self) -> str:
@@ -111,11 +148,33 @@ class Variant:
 
         return "pairs-" + content_hash(self.effective["pairs"], 8)
 
+    @property
+    def select_tag(self) -> str:
+        """The SFT rows' folder: they come from the judgements, not the pairs, so a pairs setting does not retrain
+        SFT."""
+        from align.data.records import content_hash
+
+        return "select-" + content_hash(self.effective["select"], 8)
+
     def train_tag(self, method: str) -> str:
         from align.data.records import content_hash
 
-        trainer = {"align-dpo": "dpo", "random": "dpo", "align-kto": "kto"}.get(method)
+        trainer = REGISTRY[method].trainer
         return content_hash(self.effective[trainer], 8) if trainer else "trl-defaults"
+
+
+VARIANT_TRAINERS = ("dpo", "kto")  # the trainers a variant's --set settings apply to
+
+
+def select_defaults() -> dict[str, Any]:
+    """``align data select``'s defaults (align.data.select.select_sft's keyword defaults: the best answer per
+    prompt, no score floor, reasoning dropped), as the SFT rows are made with them."""
+    import inspect
+
+    from align.data.select import select_sft
+
+    return {name: p.default for name, p in inspect.signature(select_sft).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 @dataclass(frozen=True)
@@ -130,8 +189,14 @@ class Student:
         return f"{self.method}-{self.variant.train_tag(self.method)}-s{self.seed}"
 
     def folder(self, work: Path) -> Path:
-        """Where the task's pairs for these settings are, and the students trained on them."""
-        return work / self.task / self.variant.pairs_tag
+        """Where the student's training data for these settings is (the pairs, or for SFT the selected answers),
+        and the students trained on it."""
+        data = self.variant.select_tag if REGISTRY[self.method].data == "sft.jsonl" else self.variant.pairs_tag
+        return work / self.task / data
+
+    def evaluated(self, work: Path) -> bool:
+        """Whether both of its evaluations (sampled and greedy) are in the work dir."""
+        return all((self.folder(work) / "eval" / self.name / d / "metrics.json").exists() for d in ("sample", "greedy"))
 
 
 def load_tasks(path: Path = TASKS_FILE) -> list[Task]:
@@ -205,34 +270,47 @@ def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
     # align's defaults, as `align pairs build` has them, unless the variant says otherwise
     built = build_pairs(judgements, pairs, unpaired=unpaired, **dict(variant.pairs))
     random_labels(pairs, data / "pairs_random.jsonl")
+    sft_rows = select_answers(judgements, folder / variant.select_tag / "sft.jsonl")
     scores = [json.loads(line)["score"] or 0.0 for line in judgements.read_text().splitlines()]
     return {"task": task.name, "pairs": built.pairs, "unpaired": built.balance.desirable + built.balance.undesirable
-            if built.balance else 0, "candidate_score": sum(scores) / len(scores), "heldout": str(heldout_prompts)}
+            if built.balance else 0, "sft_rows": sft_rows, "candidate_score": sum(scores) / len(scores),
+            "heldout": str(heldout_prompts)}
+
+
+def select_answers(judgements: Path, output: Path) -> int:
+    """SFT rows as ``align data select judgements.jsonl -o sft.jsonl`` writes them (its defaults: the best answer
+    per prompt); kept when already written. Returns the number of rows."""
+    from align.data.select import select_sft
+
+    if not output.exists():
+        output.parent.mkdir(parents=True, exist_ok=True)
+        return select_sft(judgements, output).rows
+    return sum(1 for line in output.read_text().splitlines() if line.strip())
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def train_student(student: Student, work: Path) -> str:
+    method = REGISTRY[student.method]
     folder = student.folder(work)
     run_dir = folder / "runs" / student.name
     if (run_dir / "run.json").exists() or (run_dir / "adapter" / "adapter_config.json").exists():
         return str(run_dir)
-    budget = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "seed": student.seed,
-              "save_strategy": "no", "ref_cache_dir": str(work / "ref-cache"), **dict(student.variant.train)}
-    if student.method == "trl-dpo":
-        _train_plain_trl(folder / "pairs.jsonl", run_dir, student.seed)
+    if method.trainer is None:
+        _train_plain_trl(folder / method.data, run_dir, student.seed)
         return str(run_dir)
     import align.train
+    from align.train.config import REFERENCE_METHODS
 
-    if student.method == "align-dpo":
-        align.train.dpo(model=MODEL, data=str(folder / "pairs.jsonl"), output_dir=str(run_dir), **budget)
-    elif student.method == "align-kto":
-        align.train.kto(model=MODEL, data=str(folder / "unpaired.jsonl"), output_dir=str(run_dir), **budget)
-    elif student.method == "random":
-        align.train.dpo(model=MODEL, data=str(folder / "pairs_random.jsonl"), output_dir=str(run_dir), **budget)
-    else:
-        raise ValueError(f"unknown method {student.method}")
+    budget: dict[str, Any] = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "seed": student.seed,
+                              "save_strategy": "no"}
+    if method.trainer in REFERENCE_METHODS:
+        budget["ref_cache_dir"] = str(work / "ref-cache")
+    if method.variant_applies:
+        budget.update(student.variant.train)
+    getattr(align.train, method.trainer)(model=MODEL, data=str(folder / method.data), output_dir=str(run_dir),
+                                         **budget)
     return str(run_dir)
 
 
@@ -317,10 +395,32 @@ def _worker_init(threads: int) -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
+def students_of(tasks: list[Task], methods: tuple[str, ...], seeds: tuple[int, ...],
+                variant: Variant) -> list[Student]:
+    """One student per task and method; align-dpo has one per seed, the others seed 0."""
+    return [Student(t.name, m, s, variant) for t in tasks for m in methods
+            for s in (seeds if m == "align-dpo" else (0,))]
+
+
+def plan_methods(asked: str | None, quick: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(methods to train and evaluate now, methods of the run's table to report only where already evaluated).
+
+    The table's methods are the run's default list (all, or --quick's) plus those asked for; ``--methods``
+    narrows what runs, not what is reported, so the new methods of an existing work dir land in one table with
+    the random control (whose paired comparison needs both in the same summary)."""
+    default = QUICK_METHODS if quick else METHODS
+    methods = tuple(asked.split(",")) if asked else default
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    return methods, tuple(m for m in default if m not in methods)
+
+
 def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...], work: Path, jobs: int,
-            variant: Variant, prepare_only: bool = False) -> dict[str, Any]:
-    students = [Student(t.name, m, s, variant) for t in tasks for m in methods
-                for s in (seeds if m == "align-dpo" else (0,))]
+            variant: Variant, prepare_only: bool = False, report: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train and evaluate ``methods``; students of ``report`` already evaluated in ``work`` join the results
+    (read from their files: nothing of theirs trains or evaluates)."""
+    students = students_of(tasks, methods, seeds, variant)
     # Each worker is one process with 1 thread when there are 2: on 2 cores two 2-thread torch jobs ran 10-25x
     # slower than two 1-thread ones.
     threads = 1 if jobs > 1 else (os.cpu_count() or 1)
@@ -332,19 +432,28 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
         prepared = list(pool.map(prepare_task, tasks, [work] * n, [variant] * n))
         timings["candidates, labels, pairs"] = time.time() - t0
         for row in prepared:
-            print(f"  {row['task']}: {row['pairs']} pairs, {row['unpaired']} KTO rows, "
+            print(f"  {row['task']}: {row['pairs']} pairs, {row['unpaired']} KTO rows, {row['sft_rows']} SFT rows, "
                   f"mean candidate score {row['candidate_score']:.3f}", file=sys.stderr, flush=True)
         if prepare_only:
             return {"prepared": prepared}
+        earlier = students_of(tasks, report, seeds, variant)
+        finished = [s for s in earlier if s.evaluated(work)]
+        if earlier:
+            missing = [f"{s.task}/{s.name}" for s in earlier if not s.evaluated(work)]
+            print(f"  reporting {len(finished)} students evaluated earlier in {work} beside them"
+                  + (f"; not evaluated there, left out: {', '.join(missing)}" if missing else ""),
+                  file=sys.stderr, flush=True)
         t0 = time.time()
         _progress(pool, [pool.submit(train_student, s, work) for s in students], "trained", students)
         timings["training"] = time.time() - t0
         t0 = time.time()
-        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work) for s in students], "evaluated",
-                              students)
+        everyone = students + finished
+        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work) for s in everyone], "evaluated",
+                              everyone)
         timings["evaluation"] = time.time() - t0
     timings["total"] = time.time() - started
-    return {"prepared": prepared, "students": evaluated, "timings": {k: round(v, 1) for k, v in timings.items()}}
+    return {"prepared": prepared, "students": evaluated, "timings": {k: round(v, 1) for k, v in timings.items()},
+            "reported": sorted({s.method for s in finished})}
 
 
 def _progress(pool: Any, futures: list[Any], verb: str, students: list[Student]) -> list[Any]:
@@ -361,13 +470,15 @@ def main() -> None:
                         help="2 tasks, align's DPO beside the random control, one seed (~25 min)")
     parser.add_argument("--tasks", help="comma-separated task names (default: all, or the quick two)")
     parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
-                                             f"{','.join(QUICK_METHODS)})")
+                                             f"{','.join(QUICK_METHODS)}); the others of the default list are "
+                                             "still reported where the work dir has them evaluated")
     parser.add_argument("--seeds", help="DPO seeds, e.g. 0,1,2")
     parser.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a training setting to try instead of align's default (align-dpo, align-kto, random)")
+                        help="a training setting to try instead of align's default (align-dpo, align-kto, random; "
+                             "SFT, ORPO and SimPO keep align's defaults)")
     parser.add_argument("--pairs", dest="pairs_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a build_pairs setting to try, e.g. strategy=all-pairs")
-    parser.add_argument("--prepare-only", action="store_true", help="candidates, labels and pairs only")
+    parser.add_argument("--prepare-only", action="store_true", help="candidates, labels, pairs and SFT rows only")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 thread each when > 1)")
     parser.add_argument("--work", type=Path, help="work dir (default: /tmp/align-quality[-quick]); reused if present")
     parser.add_argument("--out", type=Path, help="results JSON (default: scripts/bench/results/quality[-quick].json)")
@@ -379,23 +490,21 @@ def main() -> None:
     out = args.out or RESULTS / f"{tag}.json"
     names = args.tasks.split(",") if args.tasks else (list(QUICK_TASKS) if args.quick else None)
     tasks = [t for t in load_tasks() if names is None or t.name in names]
-    methods = tuple(args.methods.split(",")) if args.methods else QUICK_METHODS if args.quick else METHODS
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    methods, report = plan_methods(args.methods, args.quick)
 
     from quality_report import summarise, write_outputs
 
     variant = Variant(tuple(_key_values(args.train_set)), tuple(_key_values(args.pairs_set)))
     if not variant.is_defaults and not args.out:
         out = out.with_name(f"{out.stem}-{variant.tag}.json")
-    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only)
+    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only, report)
     if args.prepare_only:
         return
     summary = summarise(run["students"], seed=0)
     meta = {"model": MODEL, "steps": STEPS, "batch": BATCH, "candidates": CANDIDATES, "seeds": list(seeds),
             "train_prompts": TRAIN_PROMPTS, "heldout_prompts": HELDOUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
-            "tasks": {t.name: t.kind for t in tasks}, "methods": list(methods), "jobs": args.jobs,
+            "tasks": {t.name: t.kind for t in tasks}, "methods": list(methods),
+            "reported_from_work_dir": run["reported"], "jobs": args.jobs,
             "variant": {"tag": variant.tag, "train": dict(variant.train), "pairs": dict(variant.pairs)},
             "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "timings_s": run["timings"],
             "date": time.strftime("%Y-%m-%d %H:%M")}

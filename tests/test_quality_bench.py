@@ -1,0 +1,160 @@
+"""The quality suite's method registry (scripts/bench/quality.py): which trainer each method runs on which data,
+the names its runs are cached under, and how a run of some methods reports the others. Nothing trains here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_data_select import pointwise, write
+
+sys.path.insert(0, str(REPO / "scripts" / "bench"))
+import quality  # noqa: E402
+from quality import METHODS, QUICK_METHODS, REGISTRY, Student, Variant  # noqa: E402
+
+NEW = ("align-sft", "align-orpo", "align-simpo")
+LR_VARIANT = Variant(train=(("learning_rate", 1e-4),))
+PAIRS_VARIANT = Variant(pairs=(("strategy", "best-worst"),))
+
+
+def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
+    """The effective settings as quality.py computed them before SFT/ORPO/SimPO joined (commit 9d9491e)."""
+    from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
+    from align.train import load_train_config
+    from align.train.config import build_trl_args
+
+    effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
+                                           **dict(variant.pairs)}}
+    for method in ("dpo", "kto"):
+        config = load_train_config(method, {"data": "-", "output_dir": "-", **dict(variant.train)})
+        trl_args = json.loads(build_trl_args(config, "-", on_gpu=False, bf16_ok=False).to_json_string())
+        own = set(type(config).model_fields) - {"data", "output_dir"}
+        effective[method] = {"align": config.model_dump(mode="json", include=own),
+                             "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
+    return effective
+
+
+@pytest.mark.parametrize("variant", [Variant(), LR_VARIANT, PAIRS_VARIANT], ids=["defaults", "set", "pairs"])
+def test_earlier_runs_keep_their_names_so_a_finished_run_is_reused(variant: Variant) -> None:
+    from align.data.records import content_hash
+
+    before = names_before_sft_orpo_simpo(variant)
+    assert variant.pairs_tag == "pairs-" + content_hash(before["pairs"], 8)
+    assert variant.train_tag("align-dpo") == variant.train_tag("random") == content_hash(before["dpo"], 8)
+    assert variant.train_tag("align-kto") == content_hash(before["kto"], 8)
+    assert variant.train_tag("trl-dpo") == "trl-defaults"
+    assert variant.tag == "settings-" + content_hash(before, 8)  # a variant's results file keeps its name too
+
+
+def test_sft_orpo_and_simpo_runs_are_named_by_their_own_settings_and_ignore_dpo_settings() -> None:
+    from align.data.records import content_hash
+
+    defaults = Variant()
+    names = {Student("concise", m, 0).name for m in METHODS}
+    assert len(names) == len(METHODS)  # random shares DPO's settings hash, not its run
+    for method in NEW:
+        trainer = REGISTRY[method].trainer
+        assert defaults.train_tag(method) == content_hash(defaults.effective[trainer], 8)
+        assert LR_VARIANT.train_tag(method) == defaults.train_tag(method)  # --set is for DPO/KTO
+    assert LR_VARIANT.train_tag("align-dpo") != defaults.train_tag("align-dpo")
+    assert len({defaults.train_tag(m) for m in ("align-dpo", "align-kto", *NEW)}) == 5
+    effective = defaults.effective
+    assert effective["sft"]["trl"]["completion_only_loss"] is True
+    assert effective["simpo"]["trl"]["loss_type"] == "simpo" and effective["simpo"]["trl"]["beta"] == 2.0
+    assert effective["orpo"]["trl"]["beta"] == 0.1
+    assert effective["select"] == {"top_k": 1, "min_score": None, "near_duplicate": 0.9, "judge": None,
+                                   "reasoning": "drop"}
+
+
+def test_sft_reads_the_selected_answers_apart_from_the_pairs_and_orpo_simpo_read_the_pairs(tmp_path: Path) -> None:
+    for variant in (Variant(), PAIRS_VARIANT):
+        assert Student("list", "align-sft", 0, variant).folder(tmp_path) == tmp_path / "list" / Variant().select_tag
+        for method in ("align-orpo", "align-simpo", "align-dpo"):
+            assert Student("list", method, 0, variant).folder(tmp_path) == tmp_path / "list" / variant.pairs_tag
+    assert Variant().pairs_tag != PAIRS_VARIANT.pairs_tag
+
+
+def test_each_method_trains_with_its_trainer_on_its_data_within_the_same_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.train
+
+    calls: dict[str, dict[str, Any]] = {}
+    for trainer in ("dpo", "kto", "sft", "orpo", "simpo"):
+        def record(trainer: str = trainer, **settings: Any) -> None:
+            calls[settings["output_dir"]] = {"trainer": trainer, **settings}
+
+        monkeypatch.setattr(align.train, trainer, record)
+    for method in METHODS:
+        if method == "trl-dpo":
+            continue
+        student = Student("concise", method, 0, LR_VARIANT)
+        run_dir = quality.train_student(student, tmp_path)
+        call = calls[run_dir]
+        assert call["trainer"] == REGISTRY[method].trainer
+        assert Path(call["data"]) == student.folder(tmp_path) / REGISTRY[method].data
+        assert (call["max_steps"], call["per_device_train_batch_size"], call["seed"]) == (40, 4, 0)
+        assert call["model"] == quality.MODEL and call["save_strategy"] == "no"
+        reference = method in ("align-dpo", "align-kto", "random")
+        assert ("ref_cache_dir" in call) == reference
+        assert call.get("learning_rate") == (1e-4 if reference else None)  # the variant's setting, DPO/KTO only
+    assert len(calls) == len(METHODS) - 1
+    assert Path(calls[quality.train_student(Student("concise", "align-sft", 0), tmp_path)]["data"]).name == "sft.jsonl"
+
+
+def test_sft_rows_are_the_best_answer_per_prompt_and_written_once(tmp_path: Path) -> None:
+    judgements = write(tmp_path / "judgements.jsonl", [
+        pointwise("p1", "a", "fine", 0.5), pointwise("p1", "b", "best", 0.9), pointwise("p1", "c", "good", 0.7),
+        pointwise("p2", "a", "failed a hard rule", 1.0, failed_hard=True), pointwise("p2", "b", "only one", 0.4)])
+    output = tmp_path / "select-x" / "sft.jsonl"
+    assert quality.select_answers(judgements, output) == 2
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(r["prompt_id"], r["completion_id"]) for r in rows] == [("p1", "b"), ("p2", "b")]
+    written = output.read_text()
+    output.write_text(written + "\n")  # already there: kept as it is, not selected again
+    assert quality.select_answers(judgements, output) == 2 and output.read_text() == written + "\n"
+
+
+def test_methods_narrow_what_runs_not_what_the_table_reports() -> None:
+    assert set(NEW) <= set(METHODS) and not set(NEW) & set(QUICK_METHODS)
+    run, report = quality.plan_methods(",".join(NEW), quick=False)
+    assert run == NEW and report == ("align-dpo", "align-kto", "random", "trl-dpo")
+    assert quality.plan_methods(None, quick=False) == (METHODS, ())
+    assert quality.plan_methods(None, quick=True) == (QUICK_METHODS, ())
+    assert quality.plan_methods("align-sft", quick=True) == (("align-sft",), QUICK_METHODS)
+    with pytest.raises(SystemExit, match="align-sfft"):
+        quality.plan_methods("align-sfft", quick=False)
+
+
+def fake_evaluation(student: Student, work: Path, diffs: dict[str, float]) -> None:
+    """The files `align eval` leaves for a student, with the given per-prompt score differences."""
+    for decoding in ("sample", "greedy"):
+        folder = student.folder(work) / "eval" / student.name / decoding
+        folder.mkdir(parents=True)
+        folder.joinpath("per_prompt.jsonl").write_text("".join(
+            json.dumps({"prompt_id": p, "model_scores": [0.5 + d], "reference_scores": [0.5]}) + "\n"
+            for p, d in diffs.items()))
+        mean = sum(diffs.values()) / len(diffs)
+        folder.joinpath("metrics.json").write_text(json.dumps({
+            "rule_score_reference": 0.5, "rule_score_model": 0.5 + mean, "score_diff": mean,
+            "score_diff_ci_low": mean - 0.05, "score_diff_ci_high": mean + 0.05, "mean_length_model": 40,
+            "mean_length_reference": 50, "kl_per_token": 0.01}))
+
+
+def test_new_methods_run_later_are_compared_with_the_random_control_evaluated_earlier(tmp_path: Path) -> None:
+    from quality_report import summarise
+
+    tasks = [t for t in quality.load_tasks() if t.name == "concise"]
+    prompts = [f"q{i}" for i in range(12)]
+    earlier = quality.students_of(tasks, ("random", "align-kto"), (0, 1, 2), Variant())
+    fake_evaluation(earlier[0], tmp_path, {p: 0.0 for p in prompts})  # random: evaluated; KTO: not
+    sft = Student("concise", "align-sft", 0)
+    fake_evaluation(sft, tmp_path, {p: 0.2 for p in prompts})
+    assert [s.method for s in earlier if s.evaluated(tmp_path)] == ["random"]
+    rows = summarise([quality.evaluate_student(s, tmp_path) for s in (sft, earlier[0])])
+    row = next(r for r in rows if r["method"] == "align-sft")
+    assert row["gain"] == pytest.approx(0.2) and row["vs_random"] == pytest.approx(0.2)
