@@ -120,6 +120,9 @@ def test_heldout_answers_that_drift_past_the_budget_are_flagged_and_missing_figu
     assert result.figures["drift_per_token"] == {"chosen": -0.1, "rejected": -1.0}
     assert result.verdict == "generalised" and len(result.warnings) == 1
     assert "moved 1.00 nats per token" in result.warnings[0] and f"budget {DRIFT_BUDGET}" in result.warnings[0]
+    assert "its reference" in result.warnings[0] and "larger beta" in result.warnings[0]
+    orpo = diagnose(BEFORE, after, MEMORISING, heldout={"pairs": 40}, completion_tokens=tokens, reference_free=True)
+    assert "no reference model" in orpo.warnings[0] and "beta" not in orpo.warnings[0]
     calm = {**after, "logps/rejected": -86.0}  # 6 nats over 30 tokens: 0.2 per token
     assert diagnose(BEFORE, calm, MEMORISING, heldout={"pairs": 40}, completion_tokens=tokens).warnings == []
     # no token counts, or no log-probs: no drift figure and no guess

@@ -159,11 +159,12 @@ def _units(heldout: Mapping[str, int]) -> str:
 
 def diagnose(eval_before: Mapping[str, float], eval_after: Mapping[str, float],
              metrics: Sequence[Mapping[str, Any]], *, heldout: Mapping[str, int] | None = None,
-             completion_tokens: Mapping[str, float] | None = None) -> Diagnosis:
+             completion_tokens: Mapping[str, float] | None = None, reference_free: bool = False) -> Diagnosis:
     """Every rule over one run's figures (see the module docstring).
 
     ``heldout``: the held-out set's size (see :func:`chance_spread`); ``completion_tokens``: mean tokens of its
-    chosen/rejected answers (see :func:`drift_per_token`).
+    chosen/rejected answers (see :func:`drift_per_token`); ``reference_free``: ORPO/SimPO, which have no reference
+    model (and no KL term or beta holding the student near one), so the drift advice names what they do have.
     """
     heldout = heldout or {}
     result = Diagnosis()
@@ -210,9 +211,12 @@ def diagnose(eval_before: Mapping[str, float], eval_after: Mapping[str, float],
         worst = max(drift, key=lambda side: abs(drift[side]))
         if abs(drift[worst]) > DRIFT_BUDGET:
             sides = ", ".join(f"{side} {v:+.2f}" for side, v in drift.items())
+            anchor, remedy = (("the model it started from (no reference model holds it back)", "fewer steps or a "
+                               "lower learning rate") if reference_free else
+                              ("its reference", "a larger beta, fewer steps or a lower learning rate"))
             result.warnings.append(
                 f"the held-out answers' log-probs moved {abs(drift[worst]):.2f} nats per token from the start of "
-                f"training ({sides}; budget {DRIFT_BUDGET}): the student has drifted far from its reference, which "
-                "shows as answers much longer or shorter or degenerate. Use a larger beta, fewer steps or a lower "
-                "learning rate, and compare lengths and KL with `align eval`")
+                f"training ({sides}; budget {DRIFT_BUDGET}): the student has drifted far from {anchor}, which "
+                f"shows as answers much longer or shorter or degenerate. Use {remedy}, and compare lengths and KL "
+                "with `align eval`")
     return result

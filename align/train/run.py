@@ -216,7 +216,7 @@ def _diagnose(config: TrainConfig, args: Any, heldout_rows: list[dict[str, Any]]
     if config.method not in REFERENCE_METHODS and "completion_tokens" in shape:
         # ORPO and SimPO log mean per-token log-probs, not sums: the change per token is the change itself.
         shape["completion_tokens"] = {side: 1.0 for side in shape["completion_tokens"]}
-    return diagnose(eval_before, eval_after, metrics, **shape)
+    return diagnose(eval_before, eval_after, metrics, reference_free=config.method not in REFERENCE_METHODS, **shape)
 
 
 def _heldout_shape(rows: list[dict[str, Any]], method: str, tokenizer: Any, max_length: int | None) -> dict[str, Any]:
