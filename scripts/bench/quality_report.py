@@ -77,7 +77,7 @@ def summarise(students: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str
         if method != "random" and random_control:
             vs = paired_advantage(members, random_control, seed=seed)
             row.update(vs_random=vs["advantage"], vs_random_ci_low=vs["ci_low"], vs_random_ci_high=vs["ci_high"])
-        row["holds"] = _holds(row) if method in ("align-dpo", "align-kto") else None
+        row["holds"] = _holds(row) if method.startswith("align-") else None
         rows.append(row)
     return rows
 
@@ -93,7 +93,7 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    header = (f"{'task':14} {'method':10} {'seeds':>5} {'score before->after':>20} {'gain (95% CI)':>24} "
+    header = (f"{'task':14} {'method':11} {'seeds':>5} {'score before->after':>20} {'gain (95% CI)':>24} "
               f"{'+/-':>7} {'greedy gain (95% CI)':>24} {'vs random (95% CI)':>24} {'len x':>6} {'cap':>5} "
               f"{'KL/tok':>7} {'memo':>5} {'holds':>5}")
     lines = [header, "-" * len(header)]
@@ -103,7 +103,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         vs = (f"{_fmt(r['vs_random'])} ({_fmt(r['vs_random_ci_low'])},{_fmt(r['vs_random_ci_high'])})"
               if "vs_random" in r else "-")
         holds = {True: "yes", False: "NO", None: ""}[r["holds"]]
-        lines.append(f"{r['task']:14} {r['method']:10} {r['seeds']:>5} "
+        lines.append(f"{r['task']:14} {r['method']:11} {r['seeds']:>5} "
                      f"{_fmt(r['score_before']) + ' -> ' + _fmt(r['score_after']):>20} {interval:>24} "
                      f"{str(r['improved']) + '/' + str(r['worsened']):>7} {greedy:>24} {vs:>24} "
                      f"{_fmt(r['length_ratio'], 2):>6} {_fmt(r['cap_hits'], 2):>5} {_fmt(r['kl_per_token']):>7} "
@@ -118,7 +118,8 @@ def frontier_plot(students: list[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"align-dpo": "tab:blue", "align-kto": "tab:green", "random": "tab:gray", "trl-dpo": "tab:red"}
+    colours = {"align-dpo": "tab:blue", "align-kto": "tab:green", "random": "tab:gray", "trl-dpo": "tab:red",
+               "align-sft": "tab:purple", "align-orpo": "tab:orange", "align-simpo": "tab:brown"}
     markers = "osD^vP*X"
     tasks = sorted({s["task"] for s in students})
     fig, ax = plt.subplots(figsize=(7, 4.5))
