@@ -42,8 +42,13 @@ def test_reference_against_itself_ties_on_every_prompt_with_zero_kl(tiny_model_d
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token", "kl_per_sequence",
-                "mean_length_reference", "mean_length_model", "rules"):
+                "mean_length_reference", "mean_length_model", "rules",
+                "lc_win_rate", "lc_win_rate_ci_low", "lc_win_rate_ci_high"):
         assert key in metrics, key
+    # equal answers, equal lengths: length control has nothing to remove, it is the raw rate and interval
+    assert (metrics["lc_win_rate"], metrics["lc_win_rate_ci_low"], metrics["lc_win_rate_ci_high"]) == \
+        (metrics["win_rate"], metrics["win_rate_ci_low"], metrics["win_rate_ci_high"]) == (0.5, 0.5, 0.5)
+    assert metrics["lc_length_unit"] == "tokens" and metrics["lc_length_slope"] is None
     assert metrics["win_rate_ci_low"] <= 0.5 <= metrics["win_rate_ci_high"]
     assert abs(metrics["kl_per_token"]) < 1e-4 and abs(metrics["kl_per_sequence"]) < 1e-3
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 40
@@ -62,10 +67,12 @@ def test_reference_against_itself_ties_on_every_prompt_with_zero_kl(tiny_model_d
         assert 1 - sum(1 - p for p in per_rule) - 1e-9 <= metrics[f"rule_pass_rate_{role}"] <= min(per_rule) + 1e-9
     report = (out / "report.md").read_text()
     assert "win rate" in report and "KL" in report and "meets every rule" in report
+    assert "| length-controlled win rate (at equal tokens) | **0.500** (95% CI 0.500 - 0.500)" in report
     assert "one sample each" in report and "score difference" in report
     for png in ("win_rate.png", "reward_vs_kl.png", "length_hist.png"):
         assert (out / png).stat().st_size > 1000
     assert "report:" in stdout and "score difference (student - reference)" in stdout
+    assert "length-controlled win rate (at equal tokens): 0.500 (95% CI 0.500-0.500)" in stdout
 
 
 def test_eval_needs_a_judge(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
@@ -100,11 +107,16 @@ def test_k_samples_per_prompt_are_compared_kth_with_kth_and_paired_by_prompt(tin
         for outcome, m, r in zip(row["outcomes"], row["model_scores"], row["reference_scores"]):
             assert outcome == compare_scores(m, r)  # the k-th answers of the two sides, not any other pairing
         assert row["score_diff"] == pytest.approx(sum(row["model_scores"]) / 2 - sum(row["reference_scores"]) / 2)
+        # the k-th length difference belongs to the k-th comparison (a model against itself: all 0)
+        assert row["length_diffs"] == [m["num_tokens"] - r["num_tokens"] for m, r in
+                                       zip(answers["model"][row["prompt_id"]]["responses"],
+                                           answers["reference"][row["prompt_id"]]["responses"])]
     diffs = [row["score_diff"] for row in rows]
     assert metrics["score_diff"] == pytest.approx(sum(diffs) / 40)
     assert metrics["score_diff"] == pytest.approx(metrics["rule_score_model"] - metrics["rule_score_reference"])
     assert metrics["score_diff_ci_low"] <= metrics["score_diff"] <= metrics["score_diff_ci_high"]
     assert (metrics["improved"], metrics["worsened"]) == (sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs))
+    assert metrics["lc_win_rate_ci_low"] <= metrics["lc_win_rate"] <= metrics["lc_win_rate_ci_high"]
     lengths = [a["num_tokens"] for rows_ in answers["model"].values() for a in rows_["responses"]]
     assert metrics["mean_length_model"] == pytest.approx(sum(lengths) / 80)  # over all K answers
     assert "2 samples each" in (out / "report.md").read_text()

@@ -27,6 +27,14 @@ def _signed(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:+.{digits}f}"
 
 
+def _lc_note(m: dict[str, Any]) -> str:
+    """The fitted length slope, or why there is none (the LC rate is then the raw one)."""
+    if "lc_length_slope" not in m:
+        return ""
+    slope = m["lc_length_slope"]
+    return "; = raw rate, no length fit" if slope is None else f"; length slope {slope:+.2f}"
+
+
 def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, Any]],
                  sampled: dict[str, Any], prompt_ids: list[str]) -> Path:
     plots = _plots(out, metrics, per_prompt, sampled, prompt_ids)
@@ -41,6 +49,12 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
         "|---|---|",
         f"| win rate (ties apart) | **{_fmt(m['win_rate'])}** (95% CI {_fmt(m['win_rate_ci_low'])} - "
         f"{_fmt(m['win_rate_ci_high'])}) |",
+    ]
+    if m.get("lc_win_rate") is not None:
+        lines.append(f"| length-controlled win rate (at equal {m.get('lc_length_unit', 'tokens')}) | "
+                     f"**{_fmt(m['lc_win_rate'])}** (95% CI {_fmt(m['lc_win_rate_ci_low'])} - "
+                     f"{_fmt(m['lc_win_rate_ci_high'])}){_lc_note(m)} |")
+    lines += [
         f"| wins / ties / losses | {m['wins']} / {m['ties']} / {m['losses']} |",
         f"| win rate, ties as half | {_fmt(m.get('win_rate_ties_as_half'))} |",
     ]
@@ -76,6 +90,11 @@ def write_report(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[
     lines += ["", "## How to read this", "",
               "- The win rate counts decisive comparisons only; ties are listed apart. An interval that "
               "contains 0.5 means no measurable difference.",
+              "- The length-controlled win rate fits the verdicts on the two answers' length difference "
+              "(logistic in tanh of the scaled difference, ties apart) and reads the fit at equal lengths. Well "
+              "below the raw win rate, the judge rewarded the student's extra length; about the same, length "
+              "did not explain the wins. It equals the raw rate when lengths never differ or the student wins "
+              "(or loses) every decisive comparison: length cannot be told apart from quality there.",
               "- The score difference is the student's rule score minus the reference's, per prompt (averaged "
               "over its answers), then over prompts; it sees by how much, where the win rate sees only which. "
               "An interval that contains 0 means no measurable difference.",
@@ -103,6 +122,9 @@ def _plots(out: Path, metrics: dict[str, Any], per_prompt: dict[str, dict[str, A
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     rate, low, high = metrics["win_rate"], metrics["win_rate_ci_low"], metrics["win_rate_ci_high"]
     ax.bar(["student vs reference"], [rate], yerr=[[rate - low], [high - rate]], capsize=8, color="#4C72B0")
+    if metrics.get("lc_win_rate") is not None:
+        lc, lc_low, lc_high = metrics["lc_win_rate"], metrics["lc_win_rate_ci_low"], metrics["lc_win_rate_ci_high"]
+        ax.bar(["length-controlled"], [lc], yerr=[[lc - lc_low], [lc_high - lc]], capsize=8, color="#8FAADC")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate (ties apart)")
@@ -146,6 +168,9 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     lines = [f"win rate of the student vs the reference: {m['win_rate']:.3f} "
              f"(95% CI {m['win_rate_ci_low']:.3f}-{m['win_rate_ci_high']:.3f}; "
              f"wins/ties/losses {m['wins']}/{m['ties']}/{m['losses']})"]
+    if m.get("lc_win_rate") is not None:  # metrics written before it existed have none
+        lines.append(f"length-controlled win rate (at equal {m.get('lc_length_unit', 'tokens')}): "
+                     f"{m['lc_win_rate']:.3f} (95% CI {m['lc_win_rate_ci_low']:.3f}-{m['lc_win_rate_ci_high']:.3f})")
     if m.get("score_diff") is not None:
         lines.append(f"score difference (student - reference): {m['score_diff']:+.3f} "
                      f"(95% CI {m['score_diff_ci_low']:+.3f} to {m['score_diff_ci_high']:+.3f}); "

@@ -15,6 +15,9 @@ Then:
 * win rate of the student against the reference, by the rules or the LLM judge
   (both orders), ties counted apart, with a bootstrap 95% interval that resamples
   prompts (a prompt's K comparisons stay together);
+* beside it the length-controlled win rate (AlpacaEval 2's idea): the judge's verdicts fitted on the
+  length difference of the two answers (tokens, as mean_length), read at equal lengths, with the same
+  prompt-resampling interval (align.eval.stats, summarise_length_controlled);
 * with rules, the mean score difference (student minus reference, per prompt over its
   K answers, then over prompts) with a paired prompt-resampling 95% interval, and how
   many prompts improved or worsened;
@@ -49,6 +52,7 @@ from align.eval.stats import (
     implicit_reward_summary,
     mean,
     prompt_score_difference,
+    summarise_length_controlled,
     summarise_prompt_outcomes,
     summarise_score_differences,
 )
@@ -154,6 +158,12 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics.update(win_rate=win.rate, win_rate_ci_low=win.ci_low, win_rate_ci_high=win.ci_high,
                    wins=win.wins, ties=win.ties, losses=win.losses,
                    win_rate_ties_as_half=(win.wins + 0.5 * win.ties) / win.n if win.n else None)
+    unit, diffs = _length_differences(sampled, prompt_ids)
+    for pid, values in zip(prompt_ids, diffs):
+        per_prompt[pid]["length_diffs"] = values
+    lc = summarise_length_controlled([per_prompt[pid]["outcomes"] for pid in prompt_ids], diffs, seed=config.seed)
+    metrics.update(lc_win_rate=lc.rate, lc_win_rate_ci_low=lc.ci_low, lc_win_rate_ci_high=lc.ci_high,
+                   lc_length_slope=lc.slope, lc_length_unit=unit)
     metrics.update(_lengths(sampled, prompt_ids))
     kl = _kl(config, sampled["model"], prompt_ids)
     metrics.update(kl_per_token=kl["per_token"], kl_per_sequence=kl["per_sequence"], kl_caveat=kl["caveat"])
@@ -312,6 +322,17 @@ def _lengths(sampled: dict[str, dict[str, CandidateSet]], prompt_ids: list[str])
         out[f"mean_words_{role}"] = mean([float(len(r.text.split())) for r in responses])
         out[f"hit_length_cap_{role}"] = mean([1.0 if r.finish_reason == "length" else 0.0 for r in responses])
     return out
+
+
+def _length_differences(sampled: dict[str, dict[str, CandidateSet]],
+                        prompt_ids: list[str]) -> tuple[str, list[list[float]]]:
+    """Per prompt, len(student's k-th answer) - len(reference's k-th), k = 0..K-1, in the comparisons' order.
+    In tokens, as mean_length; in words (as mean_words) for all when any answer has no token count, rather
+    than a made-up 0 that would fake a length gap."""
+    pairs = [list(zip(sampled["model"][pid].responses, sampled["reference"][pid].responses)) for pid in prompt_ids]
+    if all(r.num_tokens is not None for prompt in pairs for pair in prompt for r in pair):
+        return "tokens", [[float(m.num_tokens - r.num_tokens) for m, r in prompt] for prompt in pairs]
+    return "words", [[float(len(m.text.split()) - len(r.text.split())) for m, r in prompt] for prompt in pairs]
 
 
 def _response_ids(tokenizer: Any, response: Any) -> list[int]:
