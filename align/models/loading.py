@@ -56,6 +56,10 @@ class ModelSource:
 
     ``path`` is what ``from_pretrained`` gets (a folder or a hub id). For a LoRA
     adapter, ``path`` is the base model and ``adapter`` the adapter folder.
+    An adapter trained on top of another one (a LoRA run started from a LoRA run,
+    e.g. DPO after SFT) names that adapter's folder as its base; ``base_adapters``
+    are then the earlier adapters, oldest first, merged into ``path`` before
+    ``adapter`` goes on (empty for an adapter on a plain model).
     A stage resolves a spec once (:func:`resolve_model`) and passes this down:
     :func:`load_model` and :func:`load_tokenizer` take it as well as a spec.
     """
@@ -64,15 +68,26 @@ class ModelSource:
     path: str
     kind: str  # "bundled" | "local" | "adapter" | "hub"
     adapter: str | None = None
+    base_adapters: tuple[str, ...] = ()
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Every adapter these weights apply to ``path``, oldest first (empty for a plain model)."""
+        return (*self.base_adapters, self.adapter) if self.adapter else ()
 
 
 def resolve_model(spec: str) -> ModelSource:
     """Turn a model spec (bundled name, folder, run dir, hub id) into a :class:`ModelSource`."""
+    return _resolve(spec, ())
+
+
+def _resolve(spec: str, seen: tuple[str, ...]) -> ModelSource:
+    """``seen``: the adapter folders already met on the way down a chain of adapters (a loop is an error)."""
     if spec.startswith(BUNDLED_PREFIX):
         return ModelSource(spec, str(bundled_model_path(spec[len(BUNDLED_PREFIX):])), "bundled")
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        return _resolve_folder(spec, folder)
+        return _resolve_folder(spec, folder, seen)
     if spec.startswith((".", "/", "~")) or os.sep in spec and folder.parent.exists() and not _looks_like_hub_id(spec):
         raise ModelError(f"model folder {spec!r} does not exist")
     return ModelSource(spec, spec, "hub")
@@ -88,7 +103,7 @@ def _looks_like_hub_id(spec: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
-def _resolve_folder(spec: str, folder: Path) -> ModelSource:
+def _resolve_folder(spec: str, folder: Path, seen: tuple[str, ...]) -> ModelSource:
     # A training run dir keeps its weights one level down; accept the run dir itself.
     for sub in ("", "adapter", "model"):
         candidate = folder / sub if sub else folder
@@ -96,8 +111,19 @@ def _resolve_folder(spec: str, folder: Path) -> ModelSource:
             base = json.loads((candidate / "adapter_config.json").read_text()).get("base_model_name_or_path")
             if not base:
                 raise ModelError(f"{candidate}/adapter_config.json names no base_model_name_or_path")
-            base_source = resolve_model(base)
-            return ModelSource(spec, base_source.path, "adapter", adapter=str(candidate))
+            here = str(candidate.resolve())
+            if here in seen:
+                raise ModelError(f"{candidate}/adapter_config.json: its base_model_name_or_path leads back to "
+                                 f"itself ({' -> '.join((*seen, here))}); point it at the model it was trained on")
+            try:
+                base_source = _resolve(base, (*seen, here))
+            except ModelError as exc:
+                raise ModelError(f"the base of the adapter {candidate} ({base}, its adapter_config.json's "
+                                 f"base_model_name_or_path): {exc}") from None
+            # The base may itself be an adapter (align trains a LoRA run from a LoRA run on top of that run's
+            # adapter): its adapters come first, then this one.
+            return ModelSource(spec, base_source.path, "adapter", adapter=str(candidate),
+                               base_adapters=base_source.adapters)
         if (candidate / "config.json").exists():
             return ModelSource(spec, str(candidate), "local")
     raise ModelError(f"{folder} holds no model: expected config.json (a model), adapter_config.json "
@@ -168,8 +194,8 @@ def load_tokenizer(spec: str | ModelSource, *, trust_remote_code: bool = False) 
     from transformers import AutoTokenizer
 
     source = _source(spec)
-    # An adapter folder may carry its own tokenizer (added tokens, a new template).
-    path = source.adapter if source.adapter and (Path(source.adapter) / "tokenizer_config.json").exists() else source.path
+    # An adapter folder may carry its own tokenizer (added tokens, a new template): the newest one that does.
+    path = next((a for a in reversed(source.adapters) if (Path(a) / "tokenizer_config.json").exists()), source.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
@@ -183,7 +209,8 @@ def load_model(spec: str | ModelSource, *, dtype: Any = None, device: str | None
                trust_remote_code: bool = False, merge_adapter: bool = False, trainable_adapter: bool = False,
                **from_pretrained: Any) -> Any:
     """A causal LM from any spec or a resolved :class:`ModelSource`. An adapter is attached (or merged with
-    ``merge_adapter``).
+    ``merge_adapter``); the earlier adapters of a chain (``source.base_adapters``) are merged into the base first,
+    in order, so the adapter sits on the weights it was trained on.
 
     Extra keyword arguments go to ``from_pretrained`` (e.g. ``quantization_config``;
     a quantized model stays where its loader put it).
@@ -201,10 +228,23 @@ def load_model(spec: str | ModelSource, *, dtype: Any = None, device: str | None
     if source.adapter:
         from peft import PeftModel
 
+        for earlier in source.base_adapters:
+            model = PeftModel.from_pretrained(model, earlier).merge_and_unload()
         model = PeftModel.from_pretrained(model, source.adapter, is_trainable=trainable_adapter)
         if merge_adapter:
-            model = model.merge_and_unload()
+            model = _unfrozen(model.merge_and_unload())
     return model if "quantization_config" in from_pretrained else model.to(device)
+
+
+def _unfrozen(model: Any) -> Any:
+    """peft froze the base weights when it attached an adapter, and merging leaves them frozen: a full fine-tune
+    of a merged model then trains nothing ("element 0 of tensors does not require grad"). Loaded merged, a model
+    is as trainable as one loaded plain; integer weights of a quantized model cannot take gradients and stay as
+    they are."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            parameter.requires_grad_(True)
+    return model
 
 
 def cache_kwarg(model: Any) -> str:
