@@ -26,6 +26,7 @@ from align.train.preflight import check_or_raise, run_preflight
 from align.train.recorder import RunRecorder, final_loss
 from align.train.speedups import speedup_mixins
 from align.train.speedups.ref_cache import RefLogpStore, module_fingerprint, weights_fingerprint
+from align.train.start import name_adapter_base, started_from
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class TrainResult:
     plot: str | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # align.train.diagnosis: memorised, drifted (diagnosis.json)
+    # align.train.start.started_from: the model spec, the plain model under it, the adapters merged into it
+    started_from: dict[str, Any] = field(default_factory=dict)
 
 
 def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
@@ -67,13 +70,14 @@ def rows_needed(max_steps: int, batch_size: int, grad_accum: int, world_size: in
     return max_steps * batch_size * grad_accum * world_size
 
 
-def _describe_reference(config: TrainConfig, student_kind: str) -> str:
+def _describe_reference(config: TrainConfig, student: ModelSource) -> str:
     if config.method not in REFERENCE_METHODS:
         return f"none ({config.method.upper()} uses no reference model)"
     if config.reference != "base":
         return f"separate model {config.reference} (frozen)"
-    if student_kind == "adapter":
-        return f"the SFT model {config.model} (its adapter merged), i.e. the student's starting weights"
+    if student.kind == "adapter":
+        merged = "its adapter merged" if len(student.adapters) == 1 else f"its {len(student.adapters)} adapters merged"
+        return f"the SFT model {config.model} ({merged}), i.e. the student's starting weights"
     if config.lora is not None:
         return f"{config.model} with the LoRA adapter switched off (no second copy in memory)"
     return f"{config.model} as loaded before training (reference log-probs computed once, no copy kept)"
@@ -132,7 +136,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         log.info("%d steps use %d training rows%s", args.max_steps, needed,
                  "; reference log-probs are computed for those only" if config.method in REFERENCE_METHODS else "")
 
-    reference_text = _describe_reference(config, student.kind)
+    reference_text = _describe_reference(config, student)
     log.info("reference: %s", reference_text)
     model = load_model(student, trust_remote_code=config.trust_remote_code, merge_adapter=True,
                        **_quantization_kwargs(config))
@@ -157,6 +161,9 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         eval_dataset=Dataset.from_list(heldout_rows) if heldout_rows else None,
         peft_config=peft_config, callbacks=[recorder.metrics_callback()], **reference_kwargs,
     )
+    # A LoRA run from a LoRA run: its adapter names the earlier adapter as its base, so it loads with the
+    # earlier run's training under it (align.train.start says why a chain, not the earlier adapter trained on).
+    name_adapter_base(trainer.model, student)
     recorder.record_setup(config, {
         "train": {"path": data.path, "sha256": data.file_sha256, "rows_in_file": len(data.rows),
                   "rows_used": len(train_rows), "converted_from": data.converted_from},
@@ -176,6 +183,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         reference=reference_text, ref_cache=(getattr(trainer, "align_ref_report", None) or {}).get("train"),
         eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
         seconds=recorder.seconds(), warnings=diagnosis.warnings if diagnosis else [],
+        started_from=started_from(student),
     )
     if trainer.accelerator.is_main_process and diagnosis is not None:
         _report(diagnosis)
@@ -310,8 +318,10 @@ def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> 
 
 
 def _fingerprint_source(source: ModelSource, module: Any) -> str:
+    # Every adapter of a chain counts (a DPO run from an SFT run is referenced to the SFT weights); one adapter
+    # gives the key it always had.
     try:
         base = weights_fingerprint(source.path)
-        return base + (":" + weights_fingerprint(source.adapter) if source.adapter else "")
+        return base + "".join(":" + weights_fingerprint(adapter) for adapter in source.adapters)
     except (FileNotFoundError, NotADirectoryError):
         return module_fingerprint(module)

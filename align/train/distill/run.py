@@ -19,6 +19,7 @@ from align.models import load_model, load_tokenizer, resolve_model
 from align.train.distill.config import DistillConfig, build_gkd_args
 from align.train.distill.data import DistillData, check_stored_tokens, encode_examples, load_distill_data
 from align.train.recorder import RunRecorder, final_loss
+from align.train.start import name_adapter_base, started_from
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
         peft_config=config.lora.peft_config() if config.lora else None,
         callbacks=[recorder.metrics_callback()],
     )
+    name_adapter_base(trainer.model, student)  # a LoRA student from a LoRA run: see align.train.start
     recorder.record_setup(config, {
         "train": {"path": data.path, "sha256": data.file_sha256, "kind": data.kind, "examples": len(data.examples),
                   "rows_used": len(rows), "skipped": data.stats, "teacher_in_file": data.teacher},
@@ -126,7 +128,8 @@ def distill(config: DistillConfig, *, resume: bool = False) -> DistillResult:
     result = DistillResult(run_dir=str(run_dir), steps=output.global_step, final_loss=final_loss(metrics),
                            teacher=signal, eval_before=eval_before, eval_after=eval_after, weights=str(weights_dir),
                            seconds=recorder.seconds())
-    recorder.finish(trainer, tokenizer, result, metrics, title=f"distill {run_dir.name}", method="distill")
+    recorder.finish(trainer, tokenizer, result, metrics, title=f"distill {run_dir.name}", method="distill",
+                    started_from=started_from(student))
     return result
 
 
