@@ -616,11 +616,10 @@ def _train_chain(config: PipelineConfig, manifest: Manifest, data: dict[str, Pat
 def _train_link(config: PipelineConfig, manifest: Manifest, link: TrainLink, data: Path, output_dir: Path,
                 previous: tuple[TrainLink, StageOutput] | None, *, forced: bool) -> StageOutput:
     """One link, recorded in the manifest under its own key; ``previous``: the link before it and what it wrote."""
+    # A later link starts from the run dir of the link before: align.train loads its weights (an adapter merged
+    # into its base), and a LoRA link's adapter names that earlier adapter as its base (align.train.start).
     train_config = _link_config(config, link, data, output_dir,
                                 start=previous[1].files["run_dir"] if previous else None)
-    merged_start = previous is not None and _starts_from_merged(previous[1], train_config)
-    if previous is not None and merged_start:
-        train_config = train_config.model_copy(update={"model": str(_merged_path(previous[1]))})
     inputs = {"data": _hash_input(data, link.key)}
     if previous is not None:
         inputs["start"] = _hash_input(previous[1].files["weights"], link.key)
@@ -634,8 +633,6 @@ def _train_link(config: PipelineConfig, manifest: Manifest, link: TrainLink, dat
     log.info("train link %s: running from %s; reference: %s", link.name, train_config.model, reference)
 
     def run() -> StageOutput:
-        if previous is not None and merged_start:
-            _write_merged(previous[1])
         output = _run_train(train_config)
         return StageOutput(output.files, {"link": link.name, "method": link.method,
                                           "started_from": train_config.model, "reference": reference,
@@ -651,25 +648,6 @@ def _starts_over(record: dict[str, Any] | None, inputs: dict[str, str], settings
     if record is None or forced or record["status"] == "done":
         return True
     return record["inputs"] != inputs or record["settings_hash"] != settings_hash
-
-
-def _starts_from_merged(previous: StageOutput, train_config: TrainConfig) -> bool:
-    """A LoRA link after a LoRA link starts from the earlier adapter merged into a model folder. Training loads an
-    adapter merged into its base, and peft names the loaded model's path as the new adapter's base: that is the
-    *original* base, so the new adapter would load later without the earlier link's weights."""
-    return train_config.lora is not None and (previous.files["weights"] / "adapter_config.json").exists()
-
-
-def _merged_path(previous: StageOutput) -> Path:
-    return previous.files["run_dir"] / "merged"
-
-
-def _write_merged(previous: StageOutput) -> None:
-    from align.train.export import export_run
-
-    merged = _merged_path(previous)
-    if not merged.exists():  # export_run writes a temporary folder and renames it: present means whole
-        export_run(str(previous.files["run_dir"]), merged, merge=True)
 
 
 def _link_reference(link: TrainLink, train_config: TrainConfig, previous: TrainLink | None) -> tuple[str, str | None]:

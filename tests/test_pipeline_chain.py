@@ -77,22 +77,25 @@ def test_an_sft_then_dpo_chain_starts_the_dpo_link_from_the_sft_weights_and_refe
     assert sft["outputs"] == {"weights": str(train / "1-sft" / "adapter"), "run_dir": str(train / "1-sft")}
     assert sft["summary"]["steps"] == 4 and sft["summary"]["reference_model"] is None
 
-    # The DPO link started from the SFT link's weights (its adapter merged into a model folder) ...
-    merged = train / "1-sft" / "merged"
-    assert dpo["inputs"] == {"data": sha256_of(run / "pairs.jsonl"), "start": sha256_of(train / "1-sft" / "adapter")}
-    assert dpo["summary"]["started_from"] == str(merged)
-    assert yaml.safe_load((train / "2-dpo" / "config.yaml").read_text())["model"] == str(merged)
-    sft_model = _state(load_model(str(train / "1-sft"), merge_adapter=True, device="cpu"))
-    assert all(torch.equal(sft_model[name], tensor) for name, tensor in _state(load_model(str(merged))).items())
+    # The DPO link started from the SFT link's weights: its run dir, no merged copy of it ...
+    sft_run = train / "1-sft"
+    assert dpo["inputs"] == {"data": sha256_of(run / "pairs.jsonl"), "start": sha256_of(sft_run / "adapter")}
+    assert dpo["summary"]["started_from"] == str(sft_run)
+    assert yaml.safe_load((train / "2-dpo" / "config.yaml").read_text())["model"] == str(sft_run)
+    assert json.loads((train / "2-dpo" / "run.json").read_text())["started_from"]["adapters"] == [
+        str(sft_run / "adapter")]
+    assert not (sft_run / "merged").exists()
+    sft_model = _state(load_model(str(sft_run), merge_adapter=True, device="cpu"))
     assert any(not torch.equal(sft_model[name], tensor)
                for name, tensor in _state(load_model(str(tiny_model_dir))).items()), "SFT changed nothing"
     # ... and its reference is that SFT model: the manifest, the log line and the run say so.
-    assert dpo["summary"]["reference_model"] == str(merged)
+    assert dpo["summary"]["reference_model"] == str(sft_run)
     assert "1-sft" in dpo["summary"]["reference"]
-    assert str(merged) in json.loads((train / "2-dpo" / "run.json").read_text())["reference"]
-    assert [link["reference_model"] for link in first.links] == [None, str(merged)]
+    assert str(sft_run) in json.loads((train / "2-dpo" / "run.json").read_text())["reference"]
+    assert [link["reference_model"] for link in first.links] == [None, str(sft_run)]
     # Its adapter loads on top of the SFT weights, not the original model's.
-    assert resolve_model(str(train / "2-dpo")).path == str(merged)
+    dpo_source = resolve_model(str(train / "2-dpo"))
+    assert (dpo_source.path, dpo_source.base_adapters) == (str(tiny_model_dir), (str((sft_run / "adapter").resolve()),))
 
     # Eval scored the last link, and with intermediate: true the SFT link, each against the original model.
     assert resolve_model(first.eval_metrics["model"]).adapter == str(train / "2-dpo" / "adapter")
@@ -147,7 +150,7 @@ def test_a_chain_killed_in_its_second_link_carries_on_without_retraining_the_fir
     log = [json.loads(line) for line in (train / "2-dpo" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({row["step"] for row in log if "loss" in row}) == list(range(1, 11))
     assert "skipped (up to date): generate, label, pairs, select" in done.stdout
-    assert f"train link 2-dpo: from {train / '1-sft' / 'merged'}; reference: the 1-sft link's model" in done.stdout
+    assert f"train link 2-dpo: from {train / '1-sft'}; reference: the 1-sft link's model" in done.stdout
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0 and "stages run: none" in again.stdout
