@@ -191,13 +191,13 @@ def test_a_bad_chain_is_refused_before_anything_runs(train: Any, eval_settings: 
 
 def test_a_select_section_without_an_sft_link_says_it_is_unused(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import align.pipeline
+    import align.pipeline.run
 
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "select": {"top_k": 2},
                                     "generate": {"prompts": str(tmp_path / "missing.jsonl")},
                                     "train": {"method": "dpo"}, "eval": {"prompts": "p.jsonl", "judge": "r.yaml"}}))
-    monkeypatch.setattr(align.pipeline, "_generate", lambda *_: pytest.fail("generate ran"))
+    monkeypatch.setattr(align.pipeline.run, "_generate", lambda *_: pytest.fail("generate ran"))
     with caplog.at_level("WARNING", logger="align.pipeline"), pytest.raises(ConfigError, match="does not exist"):
         run_pipeline(load_pipeline_config(path))
     assert "no train link is SFT" in caplog.text

@@ -1,0 +1,101 @@
+"""The pipeline's config: one section per stage (typed, with the stages' own defaults), loaded from YAML."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from align.config import StrictConfig, load_config
+from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY, Strategy, build_pairs
+from align.data.select import ReasoningMode, select_sft
+from align.errors import ConfigError
+from align.label.stages import LabelSettings
+
+
+STAGES = ("generate", "label", "pairs", "select", "train", "eval")
+
+
+class PeopleSettings(StrictConfig):
+    """People in Argilla label the candidates; the rules/judge labels become their suggestions."""
+
+    dataset: str
+    target: int = Field(..., ge=1, description="answered records needed before the pipeline goes on")
+    wait_seconds: float = Field(0.0, ge=0, description="0: check once, stop, and carry on at the next run")
+    task: Literal["pairwise", "single", "ranking"] | None = Field(None, description="default: from the data")
+    only_uncertain: bool = False
+    min_confidence: float = 0.8
+    min_submitted: int | None = None
+    workspace: str | None = None
+
+
+class LabelSection(LabelSettings):
+    """The label stage's own settings (rules, judge and every judge setting, with their defaults), and people."""
+
+    argilla: PeopleSettings | None = None
+
+
+def _default_of(function: Callable[..., Any], keyword: str) -> Any:
+    """A stage function's own default for ``keyword``, so the pipeline's section cannot drift from the stage."""
+    return inspect.signature(function).parameters[keyword].default
+
+
+class PairSettings(StrictConfig):
+    """The keywords of :func:`align.data.pairs.build_pairs` a pipeline may set, with build_pairs' defaults."""
+
+    strategy: Strategy = DEFAULT_STRATEGY
+    min_margin: float = DEFAULT_MIN_MARGIN
+    near_duplicate: float = _default_of(build_pairs, "near_duplicate")
+    max_pairs_per_prompt: int | None = _default_of(build_pairs, "max_pairs_per_prompt")
+
+
+class SelectSettings(StrictConfig):
+    """The keywords of :func:`align.data.select.select_sft` a pipeline may set, with select_sft's defaults."""
+
+    top_k: int = Field(_default_of(select_sft, "top_k"), ge=1)
+    min_score: float | None = _default_of(select_sft, "min_score")
+    near_duplicate: float = Field(_default_of(select_sft, "near_duplicate"), gt=0, le=1)
+    reasoning: ReasoningMode = _default_of(select_sft, "reasoning")
+    judge: str | None = _default_of(select_sft, "judge")
+
+
+class PipelineConfig(StrictConfig):
+    run_dir: Path
+    seed: int = 0
+    generate: dict[str, Any] = Field(default_factory=dict, description="align generate settings")
+    label: LabelSection = Field(default_factory=LabelSection)
+    pairs: PairSettings = Field(default_factory=PairSettings)
+    select: SelectSettings = Field(default_factory=SelectSettings, description="SFT rows, for a train chain's SFT "
+                                   "links")
+    train: dict[str, Any] | list[dict[str, Any]] = Field(
+        default_factory=dict, description="align train settings (method: dpo|kto|sft|orpo|simpo), or a list of "
+        "them: a chain, each link starting from the weights of the one before")
+    eval: dict[str, Any] = Field(default_factory=dict, description="align eval settings; intermediate: true also "
+                                 "scores each earlier link of a chain")
+
+
+def _is_chain(config: PipelineConfig) -> bool:
+    return isinstance(config.train, list)
+
+
+def _eval_settings(config: PipelineConfig) -> dict[str, Any]:
+    """The eval section as the eval stage's settings: ``intermediate`` is the pipeline's own."""
+    return {name: value for name, value in config.eval.items() if name != "intermediate"}
+
+
+def _evaluates_intermediate(config: PipelineConfig) -> bool:
+    """Whether eval also scores each earlier link of a chain (``eval: {intermediate: true}``)."""
+    value = config.eval.get("intermediate", False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"'intermediate' must be true or false, got {value!r}")
+    if value and not _is_chain(config):
+        raise ConfigError("'intermediate: true' scores each earlier link of a train chain, but train is one stage: "
+                          "remove it, or make train a list of stages")
+    return value
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)

@@ -1,0 +1,108 @@
+"""The stage runners but train's (:mod:`align.pipeline.chain`): each calls its stage with the pipeline's settings and
+hands on the files it wrote by name."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from align.config import load_config
+from align.data.pairs import build_pairs
+from align.data.select import select_sft
+from align.label.stages import LabelConfig, run_label
+from align.pipeline.config import PipelineConfig, _eval_settings, _evaluates_intermediate
+from align.pipeline.links import _original_model, _train_links
+from align.pipeline.manifest import Manifest, PipelineWaiting, StageOutput
+
+log = logging.getLogger(__name__)
+
+
+def _generate(config: PipelineConfig, output: Path) -> StageOutput:
+    from align.generate import generate
+
+    settings = {"seed": config.seed, **config.generate, "output": output}
+    result = generate(**settings)
+    return StageOutput({"candidates": Path(result.output)},
+                       {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str))})
+
+
+def _label(config: PipelineConfig, candidates: Path, output: Path) -> StageOutput:
+    if config.label.argilla is not None:
+        return _label_with_people(config, candidates, output)
+    settings = config.label.model_dump(exclude={"argilla"})
+    result = run_label(LabelConfig(**settings, candidates=candidates, output=output))
+    return StageOutput({"judgements": Path(result.output)}, {"written": result.written, "labels": dict(result.labels)})
+
+
+def _label_with_people(config: PipelineConfig, candidates: Path, output: Path) -> StageOutput:
+    from align.argilla.loop import label_with_people
+    from align.argilla.settings import resolve_settings
+
+    people = config.label.argilla
+    assert people is not None
+    suggestions = None
+    if config.label.rules or config.label.judge_model:
+        auto = config.label.model_copy(update={"argilla": None})
+        suggestions = _label(config.model_copy(update={"label": auto}), candidates,
+                             output.with_name("judgements_auto.jsonl")).files["judgements"]
+    result = label_with_people(candidates, people.dataset, output,
+                               resolve_settings(workspace=people.workspace), target=people.target,
+                               wait_seconds=people.wait_seconds, judgements_path=suggestions, task=people.task,
+                               only_uncertain=people.only_uncertain, min_confidence=people.min_confidence,
+                               min_submitted=people.min_submitted)
+    for line in result.lines():
+        log.info("%s", line)
+    if result.pulled is None:  # not done: too few answers yet
+        raise PipelineWaiting(result.lines()[-1])
+    return StageOutput({"judgements": Path(result.pulled.output)},
+                       {"submitted": result.submitted, "target": result.target})
+
+
+def _pairs(config: PipelineConfig, judgements: Path, output: Path, unpaired: Path) -> StageOutput:
+    result = build_pairs(judgements, output, seed=config.seed, unpaired=unpaired,
+                         **config.pairs.model_dump())
+    for line in result.lines():
+        log.info("%s", line)
+    assert result.unpaired_output is not None  # asked for above: KTO trains on it
+    return StageOutput({"pairs": Path(result.output), "unpaired": Path(result.unpaired_output)},
+                       {"pairs": result.pairs, "prompts": result.prompts})
+
+
+def _select(config: PipelineConfig, judgements: Path, output: Path) -> StageOutput:
+    result = select_sft(judgements, output, **config.select.model_dump())
+    for line in result.lines():
+        log.info("%s", line)
+    return StageOutput({"sft": Path(result.output)}, {"rows": result.rows, "prompts": result.prompts,
+                                                      "prompts_without_answer": result.prompts_without_answer})
+
+
+def _eval_stage(config: PipelineConfig, manifest: Manifest, output_dir: Path) -> StageOutput:
+    """The trained student (a chain's last link) against the original model; with ``intermediate: true``, each
+    earlier link against it too, in ``eval/<link>/``, all on the same reference answers."""
+    original = _original_model(config)
+    if not _evaluates_intermediate(config):
+        return _eval(config, manifest.output("train", "run_dir"), output_dir, reference=original)
+    shared = {"reference_answers": config.eval.get("reference_answers") or output_dir / "responses_original.jsonl"}
+    files: dict[str, Path] = {}
+    intermediate: dict[str, Any] = {}
+    for link in _train_links(config)[:-1]:
+        output = _eval(config, manifest.output("train", f"{link.name}/run_dir"), output_dir / link.name,
+                       reference=original, **shared)
+        files.update({f"{link.name}/{name}": path for name, path in output.files.items()})
+        intermediate[link.name] = output.summary
+    final = _eval(config, manifest.output("train", "run_dir"), output_dir, reference=original, **shared)
+    return StageOutput({**final.files, **files}, {**final.summary, "intermediate": intermediate})
+
+
+def _eval(config: PipelineConfig, train_run: Path, output_dir: Path, *, reference: str, **shared: Any) -> StageOutput:
+    from align.eval import EvalConfig, run_eval
+
+    # The student is the train stage's run dir: the model layer loads the weights it holds, and eval reads the
+    # run's beta from it. The reference is where training started.
+    settings = {"seed": config.seed, "reference": reference,
+                **_eval_settings(config), **shared, "model": str(train_run), "output_dir": output_dir}
+    result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
+    m = result.metrics
+    return StageOutput({name: Path(path) for name, path in result.files.items()}, {
+        k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")})
