@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -284,27 +285,52 @@ def test_prefix_sharing_gives_the_same_losses_and_gradients(tiny_model_dir: Path
     assert runs[True][-1][0] < runs[True][0][0]  # and it does train
 
 
-def test_micro_batches_give_the_same_steps_as_whole_batches(tiny_model_dir: Path, pairs_file: Path,
-                                                           tmp_path: Path, isolated_cache: Path) -> None:
-    """A batch of 4 pairs run as 4 passes of 1 (gradient accumulation) must take the same optimizer steps."""
-    runs = {}
-    for micro in (None, 1):
+def _uneven_pairs(n: int = 24) -> list[dict]:
+    """Pairs whose chosen answers run from one to four sentences: the sft term's token mean then depends on how
+    the batch's tokens are grouped."""
+    rows = _pairs(n)
+    for i, row in enumerate(rows):
+        row["chosen"][0]["content"] = " ".join(f"Point {k + 1} about item {i} is clear." for k in range(1 + i % 4))
+    return rows
+
+
+@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2)])
+def test_micro_batches_give_the_same_steps_as_whole_batches(batch: int, accumulation: int, tiny_model_dir: Path,
+                                                           tmp_path: Path, isolated_cache: Path, monkeypatch) -> None:
+    """A batch of 4 pairs run as 4 passes of 1 (gradient accumulation) must take the same optimizer steps, with
+    align's default loss (sigmoid + sft: the sft term a mean over each batch's chosen tokens) and pairs of
+    unequal chosen lengths; also when the user accumulates 2 batches of 2 (4 passes, 2 batches' token means)."""
+    from align.train.speedups.micro_batches import ExactMicroBatchMixin
+
+    data = tmp_path / "uneven.jsonl"
+    write_records(data, _uneven_pairs())
+
+    def steps(name: str, micro: Any) -> list[tuple]:
         result = align.train.dpo({"micro_batch_size": micro},  # a dict config keeps None (keywords drop it)
-                                 **_settings(tiny_model_dir, pairs_file, tmp_path / f"micro-{micro}", isolated_cache,
-                                             max_steps=3, per_device_train_batch_size=4, save_strategy="no",
-                                             loss_type="sigmoid"))  # sft averages over the batch's tokens
+                                 **_settings(tiny_model_dir, data, tmp_path / name, isolated_cache, max_steps=3,
+                                             per_device_train_batch_size=batch,
+                                             gradient_accumulation_steps=accumulation, save_strategy="no"))
         trl_args = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
+        assert trl_args["loss_type"] == ["sigmoid", "sft"]
         assert (trl_args["per_device_train_batch_size"], trl_args["gradient_accumulation_steps"]) == (
-            (4, 1) if micro is None else (1, 4))
+            (batch, accumulation) if micro is None else (1, batch * accumulation))
         rows = [m for _, m in iter_rows(Path(result.run_dir) / "metrics.jsonl") if "loss" in m]
-        runs[micro] = [(m["loss"], m["grad_norm"], m["rewards/margins"], m["logps/chosen"]) for m in rows]
-    assert len(runs[1]) == 3
-    for whole, micro in zip(runs[None], runs[1]):
-        assert micro == pytest.approx(whole, rel=1e-4, abs=1e-5)
+        return [(m["loss"], m["grad_norm"], m["rewards/margins"], m["logps/chosen"]) for m in rows]
+
+    whole, micro = steps("whole", None), steps("micro", "auto")  # auto: passes of one pair on a CPU
+    assert len(micro) == 3
+    for w, m in zip(whole, micro):
+        assert m == pytest.approx(w, rel=1e-4, abs=1e-5)
+    if accumulation == 1:
+        # The same passes with TRL's per-pass token mean (the mixin off) take other steps: the test can fail.
+        monkeypatch.setattr(ExactMicroBatchMixin, "_align_passes_per_batch", lambda self: None)
+        naive = steps("naive", "auto")
+        assert naive[0][:2] != pytest.approx(whole[0][:2], rel=1e-3)
 
 
 def test_micro_batch_settings() -> None:
-    from align.train.config import TrainConfig, micro_batches, resolve_micro_batch
+    from align.train.config import (PASSES_PER_BATCH_ATTR, TrainConfig, build_trl_args, micro_batches,
+                                    resolve_micro_batch)
 
     assert micro_batches(8, 1, 1) == (1, 8)
     assert micro_batches(8, 2, 4) == (4, 4)
@@ -315,9 +341,23 @@ def test_micro_batch_settings() -> None:
     assert resolve_micro_batch(dpo, {}, on_gpu=True) is None
     assert resolve_micro_batch(dpo, {"loss_type": "aot"}, on_gpu=False) is None  # looks across the batch
     assert resolve_micro_batch(TrainConfig(data="p", output_dir="o", method="kto"), {}, on_gpu=False) is None
-    with pytest.raises(ConfigError, match=r"\(sft\) is not a mean of per-pair terms"):
-        resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=2), {"loss_type": ["sigmoid", "sft"]},
+    # align's default loss: its sft term (a token mean) is kept exact by align's trainer, so it splits too
+    sft = {"loss_type": ["sigmoid", "sft"]}
+    assert resolve_micro_batch(dpo, sft, on_gpu=False) == 1
+    assert resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=2), sft, on_gpu=False) == 2
+    # ... but not with WPO weights (the term times the batch's mean pair weight)
+    assert resolve_micro_batch(dpo, {**sft, "use_weighting": True}, on_gpu=False) is None
+    with pytest.raises(ConfigError, match=r"\(sft with use_weighting\) is not a mean of per-pair terms"):
+        resolve_micro_batch(TrainConfig(data="p", output_dir="o", micro_batch_size=2), {**sft, "use_weighting": True},
                             on_gpu=False)
+    # build_trl_args splits align's default (TRL's batch of 8) and tells the trainer how many passes make a batch
+    args = build_trl_args(dpo, "o", on_gpu=False, bf16_ok=False)
+    assert args.loss_type == ["sigmoid", "sft"]
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 8)
+    assert getattr(args, PASSES_PER_BATCH_ATTR) == 8 and PASSES_PER_BATCH_ATTR not in args.to_json_string()
+    whole = build_trl_args(TrainConfig(data="p", output_dir="o", micro_batch_size=None), "o", on_gpu=False,
+                           bf16_ok=False)
+    assert whole.per_device_train_batch_size == 8 and not hasattr(whole, PASSES_PER_BATCH_ATTR)
     # A term added by a trainer mixin (DPO + KD) counts like a loss type.
     assert resolve_micro_batch(dpo, {}, on_gpu=False, extra_loss="KD") is None
     with pytest.raises(ConfigError, match="KD"):

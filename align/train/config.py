@@ -162,6 +162,13 @@ def trl_fields(method: str) -> dict[str, Any]:
 # batch (aot sorts it, bco_pair keeps a running mean, sft averages over tokens).
 PER_PAIR_DPO_LOSSES = frozenset({"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "sppo_hard",
                                  "apo_zero", "apo_down", "discopop", "sigmoid_norm"})
+# DPO losses that average over the batch's chosen tokens (TRL's sft) but stay exact under micro-batches:
+# align.train.speedups.micro_batches scales each pass's term by the whole batch's token count. Not with
+# use_weighting, which multiplies the term by the batch's mean pair weight.
+TOKEN_MEAN_DPO_LOSSES = frozenset({"sft"})
+# The TRL config attribute on which build_trl_args tells the trainer how many passes make up one of TRL's
+# batches (align.train.speedups.micro_batches reads it); not a config field, so not in trl_args.json.
+PASSES_PER_BATCH_ATTR = "align_passes_per_batch"
 
 
 def micro_batches(batch_size: int, accumulation: int, micro: int) -> tuple[int, int]:
@@ -177,7 +184,8 @@ def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bo
     """The micro-batch size to split each DPO batch into, or None to keep TRL's batches as they are.
 
     ``extra_loss`` names a term added to TRL's loss that is not a mean of per-pair terms (e.g. a KD term
-    averaged over the batch's tokens): micro-batches would change it too.
+    averaged over the batch's tokens): micro-batches would change it too. TRL's ``sft`` term is a token mean
+    too, but align's trainer keeps it exact (:data:`TOKEN_MEAN_DPO_LOSSES`), except with ``use_weighting``.
     """
     setting = config.micro_batch_size
     if setting is None or config.method != "dpo":
@@ -188,7 +196,9 @@ def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bo
         setting = 1
     loss_types = args.get("loss_type", "sigmoid")
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
-    not_per_pair = [t for t in loss_types if t not in PER_PAIR_DPO_LOSSES] + ([extra_loss] if extra_loss else [])
+    exact = PER_PAIR_DPO_LOSSES | (frozenset() if args.get("use_weighting") else TOKEN_MEAN_DPO_LOSSES)
+    not_per_pair = [t if t not in TOKEN_MEAN_DPO_LOSSES else f"{t} with use_weighting"
+                    for t in loss_types if t not in exact] + ([extra_loss] if extra_loss else [])
     if not_per_pair:
         if config.micro_batch_size != "auto":
             raise ConfigError(f"micro_batch_size: the loss ({', '.join(not_per_pair)}) is not a mean of per-pair "
@@ -285,18 +295,23 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
     args.update(config.trl_overrides)
     args["output_dir"] = f"{run_dir}/checkpoints"
     micro = resolve_micro_batch(config, args, on_gpu=on_gpu, extra_loss=extra_loss)
+    passes = 1
     if micro is not None:
         batch = args.get("per_device_train_batch_size", _trl_default(config.method, "per_device_train_batch_size"))
         accumulation = args.get("gradient_accumulation_steps", 1)
         args["per_device_train_batch_size"], args["gradient_accumulation_steps"] = micro_batches(
             batch, accumulation, micro)
-        if args["per_device_train_batch_size"] != batch:
+        passes = batch // args["per_device_train_batch_size"]
+        if passes > 1:
             log.info("each batch of %d pairs runs as %d passes of %d (gradient accumulation: same math, less "
                      "activation memory and padding; micro_batch_size: null turns it off)",
-                     batch, batch // micro, micro)
+                     batch, passes, micro)
     if isinstance(args.get("report_to"), str):
         args["report_to"] = [args["report_to"]]
     try:
-        return trl_config_class(config.method)(**args)
+        trl_args = trl_config_class(config.method)(**args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"TRL rejected the {config.method.upper()} settings: {exc}") from exc
+    if passes > 1:
+        setattr(trl_args, PASSES_PER_BATCH_ATTR, passes)  # the sft term's token mean spans these passes
+    return trl_args

@@ -9,6 +9,9 @@
   where TRL's fused head has no Triton (CPU).
 - selective recompute (:mod:`.recompute`, ``selective_recompute``): each decoder layer keeps its matmul and
   attention outputs and recomputes the element-wise rest in the backward pass (less memory, slower steps).
+- exact micro-batches (:mod:`.micro_batches`, ``micro_batch_size``, DPO only): a batch run as several passes
+  of gradient accumulation keeps TRL's ``sft`` term a mean over the whole batch's chosen tokens (the
+  passes themselves are set up by :func:`align.train.config.build_trl_args`).
 
 Each module holds the math and the trainer mixin that switches it on. The trainer class is TRL's
 ``DPOTrainer``/``KTOTrainer`` with mixins, outermost first (``align.train.run._trainer_class``)::
@@ -21,6 +24,7 @@ Each module holds the math and the trainer mixin that switches it on. The traine
 from __future__ import annotations
 
 from align.train.speedups.lm_head import LeanHeadMixin
+from align.train.speedups.micro_batches import ExactMicroBatchMixin
 from align.train.speedups.prefix_sharing import PrefixSharingMixin
 from align.train.speedups.recompute import SelectiveRecomputeMixin
 from align.train.speedups.ref_cache import RefCacheMixin
@@ -31,9 +35,10 @@ def speedup_mixins(method: str, *, prefix_sharing: bool, lean_lm_head: bool,
     """The speed-up mixins for a DPO/KTO trainer, outermost first.
 
     The reference cache mixin is always in: it does nothing until a store is set on the class
-    (``align_ref_store``). The lean LM head's ``_precompute_ref_logps`` runs before the cache's.
+    (``align_ref_store``). So is DPO's exact micro-batch mixin: it does nothing unless the TRL config says
+    the batches were split. The lean LM head's ``_precompute_ref_logps`` runs before the cache's.
     """
-    mixins: list[type] = []
+    mixins: list[type] = [ExactMicroBatchMixin] if method == "dpo" else []
     if method == "dpo" and prefix_sharing:
         mixins.append(PrefixSharingMixin)
     if lean_lm_head:
@@ -43,4 +48,5 @@ def speedup_mixins(method: str, *, prefix_sharing: bool, lean_lm_head: bool,
     return (*mixins, RefCacheMixin)
 
 
-__all__ = ["LeanHeadMixin", "PrefixSharingMixin", "RefCacheMixin", "SelectiveRecomputeMixin", "speedup_mixins"]
+__all__ = ["ExactMicroBatchMixin", "LeanHeadMixin", "PrefixSharingMixin", "RefCacheMixin", "SelectiveRecomputeMixin",
+           "speedup_mixins"]
