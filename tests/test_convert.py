@@ -88,13 +88,19 @@ def test_hh_rlhf_is_auto_detected(tmp_path: Path, capsys) -> None:
     assert code == 0 and "detected format: hh-rlhf" in stdout
 
 
-def test_hh_rlhf_diverging_early_is_an_error(tmp_path: Path, capsys) -> None:
-    bad = {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D",
-           "rejected": "\n\nHuman: A\n\nAssistant: X\n\nHuman: C\n\nAssistant: E"}
-    src = write_jsonl(tmp_path / "hh.jsonl", [HH_ROWS[0], bad])
-    code, _, err = run_align(capsys, "data", "convert", src, "--format", "hh-rlhf", "-o", tmp_path / "o.jsonl")
-    assert code != 0
-    assert "hh.jsonl:2: field 'rejected': conversation differs from chosen before the final assistant turn" in err
+def test_hh_rlhf_diverging_early_is_a_multi_turn_pair_not_an_error(tmp_path: Path, capsys) -> None:
+    early = {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D",
+             "rejected": "\n\nHuman: A\n\nAssistant: X\n\nHuman: C\n\nAssistant: E"}
+    src = write_jsonl(tmp_path / "hh.jsonl", [HH_ROWS[0], early])
+    out = tmp_path / "o.jsonl"
+    code, stdout, err = run_align(capsys, "data", "convert", src, "--format", "hh-rlhf", "-o", out)
+    assert code == 0, err
+    assert "1 row where chosen and rejected diverge before the final assistant turn" in stdout
+    assert rows_of(out)[1] == {"prompt": [{"role": "user", "content": "A"}],
+                               "chosen": [{"role": "assistant", "content": "B"}, {"role": "user", "content": "C"},
+                                          {"role": "assistant", "content": "D"}],
+                               "rejected": [{"role": "assistant", "content": "X"}, {"role": "user", "content": "C"},
+                                            {"role": "assistant", "content": "E"}]}
 
 
 # ----------------------------------------------------------------------------- TRL and ShareGPT shapes

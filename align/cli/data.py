@@ -18,21 +18,24 @@ def convert(
     format: str = typer.Option("auto", "--format", help=f"Input format: auto, {', '.join(FORMATS)}."),
     to: str = typer.Option(None, "--to", help="'unpaired' turns pairs into KTO rows (chosen: true, rejected: false)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Drop bad rows (and count them) instead of failing."),
+    early_divergence: str = typer.Option(
+        "pairs", "--early-divergence",
+        help="Conversations whose chosen and rejected differ before the final assistant turn (HH-RLHF, implicit-"
+             "prompt pairs): 'pairs' keeps them with the shared turns as prompt and the diverging multi-turn tails "
+             "as chosen/rejected (TRL's extract_prompt); 'skip' drops and counts them."),
+    rank_by: str = typer.Option(
+        "mean", "--rank-by",
+        help="UltraFeedback (raw): rank completions by the 'mean' of the aspect ratings (fine-grained score) or by "
+             "the critique's 'overall' score; the pair is the best and the worst."),
 ) -> None:
-    """Convert HH-RLHF, ShareGPT/LLaMA-Factory or TRL data into TRL's pairs or unpaired shape."""
+    """Convert HH-RLHF, UltraFeedback, distilabel, OpenAI, ShareGPT/LLaMA-Factory or TRL data into TRL's pairs,
+    unpaired or SFT shape."""
     from align.data.convert import convert_file
 
-    result = convert_file(input, output, fmt=format, to=to, skip_invalid=skip_invalid)
-    if result.detected:
-        typer.echo(f"detected format: {result.format}")
-    line = f"wrote {result.count} {result.kind} to {result.output}"
-    if result.labels:
-        line += " (" + ", ".join(f"{str(k).lower()}: {v}" for k, v in sorted(result.labels.items(), reverse=True)) + ")"
-    typer.echo(line)
-    if result.duplicates_dropped:
-        typer.echo(f"dropped {result.duplicates_dropped} repeated completions (same prompt and text as an earlier row)")
-    if result.skipped:
-        typer.echo(f"skipped {result.skipped} invalid rows")
+    result = convert_file(input, output, fmt=format, to=to, skip_invalid=skip_invalid,
+                          early_divergence=early_divergence, rank_by=rank_by)
+    for line in result.lines():
+        typer.echo(line)
 
 
 @app.command()
