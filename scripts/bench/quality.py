@@ -116,14 +116,16 @@ class Variant:
         """The settings each step takes effect with: align's defaults overlaid with the variant's."""
         from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
         from align.train import load_train_config
-        from align.train.config import build_trl_args
+        from align.train.config import PASSES_PER_BATCH_ATTR, build_trl_args
 
         effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
                                                **dict(self.pairs)}}
         for method in ("dpo", "kto", "sft", "orpo", "simpo"):
             settings = dict(self.train) if method in VARIANT_TRAINERS else {}
             config = load_train_config(method, {"data": "-", "output_dir": "-", **settings})
-            trl_args = json.loads(build_trl_args(config, "-", on_gpu=False, bf16_ok=False).to_json_string())
+            args = build_trl_args(config, "-", on_gpu=False, bf16_ok=False)
+            trl_args = json.loads(args.to_json_string())
+            _fold_micro_batches(trl_args, getattr(args, PASSES_PER_BATCH_ATTR, None))
             own = set(type(config).model_fields) - {"data", "output_dir"}  # TRL's keys are in trl_args
             effective[method] = {"align": config.model_dump(mode="json", include=own),
                                  "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
@@ -175,6 +177,15 @@ def select_defaults() -> dict[str, Any]:
 
     return {name: p.default for name, p in inspect.signature(select_sft).parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _fold_micro_batches(trl_args: dict[str, Any], passes: int | None) -> None:
+    """Name a run by the batch its optimizer steps on, not by the passes it is computed in: align's CPU
+    micro-batches give the whole batch's loss and gradients (tests/test_train_equivalence.py), so a default that
+    starts splitting a batch (as the sigmoid + sft loss did) is the same run and keeps its name and cache."""
+    if passes and passes > 1:
+        trl_args["per_device_train_batch_size"] *= passes
+        trl_args["gradient_accumulation_steps"] //= passes
 
 
 @dataclass(frozen=True)
