@@ -105,4 +105,10 @@ def _eval(config: PipelineConfig, train_run: Path, output_dir: Path, *, referenc
     result = run_eval(load_config(EvalConfig, None, (), defaults=settings))
     m = result.metrics
     return StageOutput({name: Path(path) for name, path in result.files.items()}, {
-        k: m[k] for k in ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "ties", "kl_per_token")})
+        k: m.get(k) for k in _EVAL_SUMMARY_KEYS})
+
+
+# What the manifest's eval summary keeps of metrics.json: the raw and the length-controlled win rate with their
+# intervals, ties, and the KL per token (metrics.json has the rest).
+_EVAL_SUMMARY_KEYS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
+                      "lc_win_rate_ci_high", "ties", "kl_per_token")
