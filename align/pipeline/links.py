@@ -64,24 +64,34 @@ def _train_config(config: PipelineConfig, data: Path, output_dir: Path) -> Train
 
 
 def _link_config(config: PipelineConfig, link: TrainLink, data: Path, output_dir: Path, *,
-                 start: Path | None = None) -> TrainConfig:
+                 start: Path | None = None, reference: str | None = None) -> TrainConfig:
     """A train link as the train stage's own TrainConfig; ``start``: the weights it starts from instead of a
-    ``model`` of its own (a later link of a chain)."""
+    ``model`` of its own (a later link of a chain, or any link of a round after the first); ``reference``: the
+    reference a round after the first anchors it to ("base": the weights it starts from), instead of its own."""
     from align.train import load_train_config
 
     settings = {"seed": config.seed, **{k: v for k, v in link.settings.items() if k != "method"}}
     if start is not None:
         settings["model"] = str(start)
+    if reference is not None:
+        settings["reference"] = reference
     return load_train_config(link.method, settings, data=str(data), output_dir=str(output_dir))
 
 
-def _link_reference(link: TrainLink, train_config: TrainConfig, previous: TrainLink | None) -> tuple[str, str | None]:
+def _link_reference(link: TrainLink, train_config: TrainConfig, previous: TrainLink | None, *,
+                    round_reference: str | None = None) -> tuple[str, str | None]:
     """(how the log and manifest say it, the model spec) of the reference a link's KL term anchors to: for DPO/KTO
-    the weights the link starts from (the link before's model) unless the link sets one."""
+    the weights the link starts from (the link before's model) unless the link sets one. ``round_reference``: in a
+    round after the first, the pipeline's ``reference`` (original | previous) when it chose this link's reference."""
     from align.train.config import REFERENCE_METHODS
 
     if link.method not in REFERENCE_METHODS:
         return f"none ({link.method.upper()} uses no reference model)", None
+    if round_reference == "original":
+        return f"{train_config.reference}, round 1's reference (reference: original)", train_config.reference
+    if round_reference == "previous" and previous is None:
+        return (f"the previous round's student {train_config.model}, where this round starts (reference: previous)",
+                train_config.model)
     if train_config.reference != "base":
         return f"{train_config.reference} (set in the link)", train_config.reference
     if previous is None:
