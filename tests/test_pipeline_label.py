@@ -25,6 +25,7 @@ SHIPPED_LABEL_HASHES = {
     "pipeline-qwen-dpo.yaml": "32fea80c334efb3395451d41579e3b72",
     "pipeline-qwen-kto.yaml": "32fea80c334efb3395451d41579e3b72",
     "pipeline-sft-dpo.yaml": "6f805dd8fec864810fa39fb2a991e481",  # the quickstart's label settings
+    "quickstart-rounds.yaml": "6f805dd8fec864810fa39fb2a991e481",  # the quickstart's label settings (round 1's)
 }
 
 

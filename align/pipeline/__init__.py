@@ -17,11 +17,20 @@ SFT links read rows that the ``select`` stage picks from the judgements (:func:`
 that stage runs only when some link is SFT. Eval scores the last link against the original model (the first
 link's ``model``) and, with ``eval: {intermediate: true}``, every earlier link against it too.
 
+``rounds: N`` runs the stages N times, on-policy: round 1 is the pipeline above, in the run dir; round k > 1, in
+``round-k/`` with its own manifest, generates with round k-1's student (``teacher_share`` of each prompt's
+candidates from the teacher), on the next ``prompts_per_round`` prompts or the same ones, labels and pairs them as
+round 1 did, trains on from round k-1's weights (anchored to round 1's reference, or with ``reference: previous`` to
+the previous student) and evaluates against the original model and the previous round's student. A summary over the
+rounds (``rounds_summary.json/.md/.png``) ends it, or ``stop_when`` earlier (no sure gain, a KL budget).
+
 The package, one job a module: :mod:`~align.pipeline.config` (the sections), :mod:`~align.pipeline.checks` (every
 section checked before anything runs), :mod:`~align.pipeline.links` (the train section as links),
 :mod:`~align.pipeline.manifest` (stage records), :mod:`~align.pipeline.hashes` (settings and input hashes),
 :mod:`~align.pipeline.files` (where stages write), :mod:`~align.pipeline.stages` (the stage runners),
-:mod:`~align.pipeline.chain` (the train stage and its chain) and :mod:`~align.pipeline.run` (``run_pipeline``).
+:mod:`~align.pipeline.chain` (the train stage and its chain), :mod:`~align.pipeline.rounds` (what a round after the
+first does differently), :mod:`~align.pipeline.summary` (the rows over rounds and ``stop_when``) and
+:mod:`~align.pipeline.run` (``run_pipeline``).
 """
 
 from align.pipeline.checks import check_sections
@@ -32,6 +41,7 @@ from align.pipeline.config import (
     PeopleSettings,
     PipelineConfig,
     SelectSettings,
+    StopWhen,
     load_pipeline_config,
 )
 from align.pipeline.hashes import stage_settings_hash
@@ -42,6 +52,6 @@ from align.pipeline.stages import _label  # noqa: F401  (tests import it from al
 
 __all__ = [
     "STAGES", "LabelSection", "Manifest", "PairSettings", "PeopleSettings", "PipelineConfig", "PipelineResult",
-    "PipelineWaiting", "SelectSettings", "StageOutput", "StageRecord", "TrainLink", "check_sections",
+    "PipelineWaiting", "SelectSettings", "StageOutput", "StageRecord", "StopWhen", "TrainLink", "check_sections",
     "load_pipeline_config", "run_pipeline", "stage_settings_hash",
 ]

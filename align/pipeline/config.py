@@ -62,9 +62,32 @@ class SelectSettings(StrictConfig):
     judge: str | None = _default_of(select_sft, "judge")
 
 
+class StopWhen(StrictConfig):
+    """When rounds stop before the last one (checked after each round's eval; the summary says which fired)."""
+
+    no_gain: bool = Field(False, description="stop when a round's held-out win rate against the previous round's "
+                          "student has a 95% interval containing 0.5 (no sure gain over it); from round 2")
+    kl_per_token: float | None = Field(None, gt=0, description="a budget: stop when a round's KL per token to the "
+                                       "original model passes it")
+
+
 class PipelineConfig(StrictConfig):
     run_dir: Path
     seed: int = 0
+    # Rounds (align.pipeline.rounds): round 1 is the pipeline as it always was, in the run dir itself; round k > 1,
+    # in run_dir/round-k/, generates with round k-1's student, labels, pairs and trains on from its weights.
+    rounds: int = Field(1, ge=1, description="on-policy rounds: each round after the first generates its candidates "
+                        "with the previous round's student and trains on from its weights")
+    teacher_share: float = Field(0.0, ge=0.0, le=1.0, description="rounds after the first: the share of each "
+                                 "prompt's candidates the teacher writes (rounded half up); the previous round's "
+                                 "student writes the rest")
+    prompts_per_round: int | None = Field(None, ge=1, description="how many prompts each round draws from the "
+                                          "generate prompts (after max_prompts), disjoint across rounds while the "
+                                          "file lasts, then from the top again; unset: every round the same prompts")
+    reference: Literal["original", "previous"] = Field(
+        "original", description="rounds after the first: what DPO/KTO is anchored to: the reference of round 1 "
+        "(KL always to the starting point) or the previous round's student (where the round starts)")
+    stop_when: StopWhen = Field(default_factory=StopWhen)
     generate: dict[str, Any] = Field(default_factory=dict, description="align generate settings")
     label: LabelSection = Field(default_factory=LabelSection)
     pairs: PairSettings = Field(default_factory=PairSettings)
