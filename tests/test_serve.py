@@ -218,6 +218,11 @@ def test_a_bad_field_gets_400_naming_it_and_the_server_keeps_serving(served: Ser
 def test_not_json_and_unknown_routes_get_openai_style_errors(served: Server) -> None:
     response = httpx.post(served.base_url + "/chat/completions", content=b"{not json", timeout=10)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+    host, port = served.httpd.server_address[:2]
+    with socket.create_connection((host, port), timeout=10) as sock:  # httpx will not send a bad header
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: two\r\n\r\n{}")
+        reply = sock.makefile("rb").read()
+    assert reply.startswith(b"HTTP/1.1 400") and b"Content-Length" in reply.split(b"\r\n\r\n", 1)[1]
     response = httpx.post(served.base_url + "/embeddings", json={"input": "x"}, timeout=10)
     assert response.status_code == 404 and "no route" in response.json()["error"]["message"]
 

@@ -114,8 +114,13 @@ def make_handler(service: Service, api_key: str | None = None,
                 self._post()
 
         def _post(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""  # read before answering, even a refusal
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                self.close_connection = True  # where this body ends is unknown: the connection cannot go on
+                self._error(400, f"bad Content-Length header: {self.headers.get('Content-Length')!r}")
+                return
+            raw = self.rfile.read(length) if length > 0 else b""  # read before answering, even a refusal
             if not self._authorised():
                 return
             path = self._path()
