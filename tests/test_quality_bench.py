@@ -15,7 +15,7 @@ from tests.test_data_select import pointwise, write
 
 sys.path.insert(0, str(REPO / "scripts" / "bench"))
 import quality  # noqa: E402
-from quality import METHODS, QUICK_METHODS, REGISTRY, Student, Variant  # noqa: E402
+from quality import METHODS, QUICK_METHODS, REGISTRY, Student, Variant, _fold_micro_batches  # noqa: E402
 
 NEW = ("align-sft", "align-orpo", "align-simpo")
 LR_VARIANT = Variant(train=(("learning_rate", 1e-4),))
@@ -26,13 +26,16 @@ def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
     """The effective settings as quality.py computed them before SFT/ORPO/SimPO joined (commit 9d9491e)."""
     from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
     from align.train import load_train_config
-    from align.train.config import build_trl_args
+    from align.train.config import PASSES_PER_BATCH_ATTR, build_trl_args
 
     effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
                                            **dict(variant.pairs)}}
     for method in ("dpo", "kto"):
         config = load_train_config(method, {"data": "-", "output_dir": "-", **dict(variant.train)})
-        trl_args = json.loads(build_trl_args(config, "-", on_gpu=False, bf16_ok=False).to_json_string())
+        args = build_trl_args(config, "-", on_gpu=False, bf16_ok=False)
+        trl_args = json.loads(args.to_json_string())
+        # CPU micro-batches (exact since 3362417) split the default DPO batch; the runs keep their whole-batch names
+        _fold_micro_batches(trl_args, getattr(args, PASSES_PER_BATCH_ATTR, None))
         own = set(type(config).model_fields) - {"data", "output_dir"}
         effective[method] = {"align": config.model_dump(mode="json", include=own),
                              "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
