@@ -115,7 +115,7 @@ def test_lora_after_lora_loads_with_both_runs_training_and_is_referenced_to_the_
 
     # The reference is the first run's model, where the second started: before any step the policy equals it,
     # so every held-out reward is zero (against the original base they would not be).
-    assert "the SFT model" in dpo.reference and "adapter switched off" not in dpo.reference
+    assert "the model it starts from" in dpo.reference and "adapter switched off" not in dpo.reference
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert dpo.eval_before[key] == pytest.approx(0.0, abs=1e-5), key
     # Its cached reference log-probs are keyed by the first run's weights too: a DPO run from the original base

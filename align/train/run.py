@@ -77,7 +77,7 @@ def _describe_reference(config: TrainConfig, student: ModelSource) -> str:
         return f"separate model {config.reference} (frozen)"
     if student.kind == "adapter":
         merged = "its adapter merged" if len(student.adapters) == 1 else f"its {len(student.adapters)} adapters merged"
-        return f"the SFT model {config.model} ({merged}), i.e. the student's starting weights"
+        return f"the model it starts from, {config.model} ({merged}): the earlier run's weights"
     if config.lora is not None:
         return f"{config.model} with the LoRA adapter switched off (no second copy in memory)"
     return f"{config.model} as loaded before training (reference log-probs computed once, no copy kept)"
