@@ -148,3 +148,57 @@ def test_align_serves_a_run_dir_and_samples_as_the_teacher_does(adapter_dir: Pat
                                  max_new_tokens=12)
     assert answers[str(adapter_dir)] == teacher.text
     assert answers[str(adapter_dir)] != answers[str(tiny_model_dir)]  # the adapter was applied
+
+
+def test_the_scheduler_gives_pinned_tokens_with_per_request_limits_stops_and_logprobs(tiny_model_dir: Path) -> None:
+    """Four jobs queued before the decoding thread starts, so what joins when is fixed: at most 4 rows, the
+    third and fourth jobs join a running batch as the first two finish. Tokens recorded on CPU with torch
+    2.13 from the tiny random model (see tests/test_decode.py)."""
+    import torch
+
+    from align.generate.backends.transformers import TransformersEngine
+    from align.generate.config import SamplingParams
+    from align.generate.decode import RowRequest
+    from align.generate.serving.scheduler import Failed, Finished, Job, Scheduler, Token
+
+    if not torch.__version__.startswith("2.13."):
+        pytest.skip("tokens recorded with torch 2.13 on CPU")
+    engine = TransformersEngine(str(tiny_model_dir), device="cpu")
+    p = [engine.encode([{"role": "user", "content": "hi " * n}]) for n in (1, 6, 3, 9)]
+    hot, greedy = SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=0.0)
+    nucleus, top5 = SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.2, top_p=1.0, top_k=5)
+    jobs = [Job([p[0]], [RowRequest(0, hot, 11), RowRequest(0, hot, 12)], 6, logprobs=2),
+            Job([p[1]], [RowRequest(0, greedy, 13)], 3),
+            Job([p[2]], [RowRequest(0, nucleus, 14), RowRequest(0, nucleus, 15)], 9, stop=["oda", "Tibetan"]),
+            Job([p[3], p[0]], [RowRequest(0, top5, 16), RowRequest(1, hot, 17)], 5, logprobs=0)]
+    scheduler = Scheduler(engine, max_batch=4, max_tokens_cap=64)
+    for job in jobs:
+        scheduler.submit(job)
+    scheduler.start()
+    results = []
+    try:
+        for job in jobs:
+            tokens, reasons, entries = [[] for _ in job.rows], [None] * len(job.rows), [[] for _ in job.rows]
+            while None in reasons:
+                event = job.events.get(timeout=60)
+                assert not isinstance(event, Failed), event
+                if isinstance(event, Token):
+                    tokens[event.choice].append(event.token_id)
+                    entries[event.choice].append(event.logprob)
+                elif isinstance(event, Finished):
+                    reasons[event.choice] = event.reason
+            results.append((tokens, reasons, entries))
+    finally:
+        scheduler.close(1)
+    assert [(tokens, reasons) for tokens, reasons, _ in results] == [
+        ([[7324, 23885, 48446, 8268, 28692, 34095], [22877, 11436, 22246, 28855, 20084, 6240]], ["length", "length"]),
+        ([[198, 198, 198]], ["length"]),
+        ([[22872, 3827, 3026, 25378, 35312, 24298], [21406, 32736, 5772, 43463, 11351, 19156, 28830, 46622, 4731]],
+         ["stop", "length"]),
+        ([[198, 25347, 5377, 25347, 5377], [21331, 26283, 40803, 6078, 1434]], ["length", "length"]),
+    ]
+    (first, *_), (second, *_), (third, *_), (fourth, *_) = (entries for _, _, entries in results)
+    assert [len(e["top_logprobs"]) for e in first] == [2] * 6 and first[0]["token_id"] == 7324
+    assert second == [None] * 3 and third == [None] * 6
+    assert [e.get("top_logprobs", []) for e in fourth] == [[]] * 5 and fourth[0]["token_id"] == 198
+    assert scheduler.largest_batch == 4

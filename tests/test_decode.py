@@ -1,0 +1,86 @@
+"""Seeded decoding pinned to exact tokens, so a change to the decode loop that changes what is sampled
+(the random streams, the order of operations on the batch, compaction, joining) cannot pass unnoticed.
+
+The tokens were recorded on CPU with torch 2.13 from the tiny random model (seed 0). Its near-uniform
+distribution makes a sampled token depend on float rounding that other torch builds or devices may do
+differently, so elsewhere these tests are skipped rather than wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.generate.config import SamplingParams
+from align.generate.decode import RowRequest, StopStrings, generate_rows
+
+pytestmark = pytest.mark.skipif(not torch.__version__.startswith("2.13."),
+                                reason="tokens recorded with torch 2.13 on CPU")
+
+NEWLINE = 198  # the tiny model's favourite token: as end-of-turn it ends greedy rows at once
+SETTINGS = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=1.0),
+            SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=1.2, top_p=1.0, top_k=5)]
+LONG = "length"
+
+# Rows p0..p3 x SETTINGS, seeds 1000 * p + i; max_new_tokens=10; eos [NEWLINE].
+PINNED = [
+    [198], [37235, 13722, 19796, 36117, 1434, 39323, 19514, 37072, 27972, 21559],
+    [42956, 14740, 24467, 45412, 11422, 32590, 43069, 11854, 18486, 16662], [198],
+    [198], [19422, 7835, 42080, 8025, 9400, 14102, 10473, 31871, 45081, 9930],
+    [47772, 5023, 38514, 6150, 8447, 21544, 42138, 38591, 39927, 44568], [198],
+    [198], [38542, 46223, 36132, 39821, 40181, 18185, 11968, 23056, 46195, 37164],
+    [27856, 27324, 10860, 14855, 32154, 6420, 30974, 9598, 15493, 37844], [198],
+    [198], [36424, 41258, 29710, 26856, 14897, 1734, 12941, 23239, 11917, 13921],
+    [23311, 45077, 21216, 21174, 23725, 39591, 20787, 47210, 11178, 35019],
+    [25347, 18219, 4089, 4089, 43728, 4089, 18219, 21478, 21478, 21478],
+]
+# Top-k 5 rows, seeds 1000 * p + 3, eos the real one, stop strings "Tibetan" / "oda", in batches of 2.
+PINNED_STOPPED = [
+    ([198, 198, 10060, 10060, 6388, 6388, 32430, 23703, 32430, 26743], LONG),
+    ([198, 10060, 31581, 4048, 4249, 3419, 23646, 34019, 34019, 23646], LONG),
+    ([198, 198, 198, 10060, 6388, 46925, 39223, 39223, 22480, 25774], LONG),
+    ([25347, 18219], "stop"),  # " Cad" "oda"
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path):
+    from align.generate.backends.transformers import TransformersEngine
+
+    return TransformersEngine(str(tiny_model_dir), device="cpu")
+
+
+def prompts_of(engine) -> list[list[int]]:
+    return [engine.encode([{"role": "user", "content": "hi " * n}]) for n in (1, 6, 3, 9)]
+
+
+@pytest.mark.parametrize("batch_size", [None, 5, 3])
+def test_seeded_rows_give_the_pinned_tokens_in_any_batch(engine, batch_size: int | None) -> None:
+    """One batch; 5 rows (prompts wait and join a running batch); 3 (a prompt's 4 rows still go in whole)."""
+    rows = [RowRequest(p, s, 1000 * p + i) for p in range(4) for i, s in enumerate(SETTINGS)]
+    outputs = generate_rows(engine.model, prompts_of(engine), rows, max_new_tokens=10, eos_token_ids=[NEWLINE],
+                            pad_token_id=engine.pad_token_id, logprobs=2, batch_size=batch_size)
+    assert [o.token_ids for o in outputs] == PINNED
+    assert [o.finish_reason for o in outputs] == ["stop" if t == [NEWLINE] else LONG for t in PINNED]
+    for out in outputs:
+        assert [e["token_id"] for e in out.logprobs] == out.token_ids
+        assert all(len(e["top_logprobs"]) == 2 for e in out.logprobs)
+
+
+def test_stop_strings_and_bare_logprobs_are_pinned(engine) -> None:
+    rows = [RowRequest(p, SETTINGS[3], 1000 * p + 3) for p in range(4)]
+    tokens = 0
+
+    def count(n: int) -> None:
+        nonlocal tokens
+        tokens += n
+
+    outputs = generate_rows(engine.model, prompts_of(engine), rows, max_new_tokens=10,
+                            eos_token_ids=engine.eos_token_ids, pad_token_id=engine.pad_token_id, logprobs=0,
+                            stop=StopStrings(engine.tokenizer, ["Tibetan", "oda"]), batch_size=2, on_tokens=count)
+    assert [(o.token_ids, o.finish_reason) for o in outputs] == PINNED_STOPPED
+    assert tokens == sum(len(t) for t, _ in PINNED_STOPPED)
+    for out in outputs:  # logprobs=0: the chosen token's log-prob and no alternatives
+        assert [sorted(e) for e in out.logprobs] == [["logprob", "token_id"]] * len(out.token_ids)
