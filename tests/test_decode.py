@@ -84,3 +84,27 @@ def test_stop_strings_and_bare_logprobs_are_pinned(engine) -> None:
     assert tokens == sum(len(t) for t, _ in PINNED_STOPPED)
     for out in outputs:  # logprobs=0: the chosen token's log-prob and no alternatives
         assert [sorted(e) for e in out.logprobs] == [["logprob", "token_id"]] * len(out.token_ids)
+
+
+def test_a_dropped_row_leaves_and_the_others_decode_on(engine) -> None:
+    """The step API itself: rows join under the caller's keys, a dropped row gets no more tokens, the others
+    their pinned ones, and the batch empties when every row has finished."""
+    from align.generate.decode import DecodeBatch, DecodeRow
+
+    prompts = prompts_of(engine)
+    batch = DecodeBatch(engine.model, eos_token_ids=[NEWLINE], pad_token_id=engine.pad_token_id, stream_length=10)
+    batch.join([(prompts[0], [DecodeRow(1, SETTINGS[1], 1, 10), DecodeRow(2, SETTINGS[2], 2, 10)]),
+                (prompts[1], [DecodeRow(5, SETTINGS[1], 1001, 10)])])
+    with pytest.raises(ValueError, match="already in use"):
+        batch.join([(prompts[2], [DecodeRow(5, SETTINGS[1], 2001, 10)])])
+    tokens: dict[int, list[int]] = {1: [], 2: [], 5: []}
+    finished = {}
+    for step in range(10):
+        if step == 3:
+            batch.drop([2])
+        for new in batch.step():
+            tokens[new.key].append(new.token_id)
+            if new.finish_reason:
+                finished[new.key] = new.finish_reason
+    assert tokens == {1: PINNED[1], 2: PINNED[2][:3], 5: PINNED[5]}
+    assert finished == {1: LONG, 5: LONG} and batch.live == 0 and batch.step() == []

@@ -15,6 +15,11 @@ batch with one setting and one random stream. Here
 
 Log-probs, when asked for, are the model's own distribution (temperature 1,
 no top-p): what distillation needs, and what vLLM and OpenAI report.
+
+:class:`DecodeBatch` is the one step loop: rows join between steps, each step
+gives every live row a token and says which rows finished. :func:`decode_stream`
+feeds it a fixed list of rows (``align generate``); ``align serve``'s scheduler
+feeds it requests as they arrive.
 """
 
 from __future__ import annotations
@@ -130,11 +135,182 @@ class StopStrings:
         return text[: min(positions)] if positions else text
 
 
-@dataclass
-class _Batch:
-    """Everything aligned to the rows now in the batch; compacted and extended together."""
+@dataclass(frozen=True)
+class DecodeRow:
+    """A row for :class:`DecodeBatch`: the caller's ``key`` for it (unique among the batch's rows), how it
+    samples (its own settings and seeded random stream) and when it ends: the end-of-turn token, a ``stop``
+    string, or ``max_tokens``. ``logprobs``: None for none, else each token's log-prob and that many
+    likeliest alternatives."""
 
-    rows: torch.Tensor  # batch position -> row index
+    key: int
+    sampling: SamplingParams
+    seed: int
+    max_tokens: int
+    stop: StopStrings | None = None
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A row's token from one :meth:`DecodeBatch.step`; ``finish_reason`` ("stop" | "length") when it was
+    the row's last. ``logprob``: {"token_id", "logprob"[, "top_logprobs": [{"token_id", "logprob"}, ...]]}
+    when the row asked for log-probs."""
+
+    key: int
+    token_id: int
+    logprob: dict[str, Any] | None
+    finish_reason: str | None
+
+
+class DecodeBatch:
+    """Rows decoding together over one KV cache: rows :meth:`join` between steps (each prompt prefilled
+    once, its cache fanned out to its rows), every :meth:`step` gives each live row one token, and rows
+    leave when they finish or are :meth:`drop`-ped. ``align generate`` (:func:`decode_stream`) and
+    ``align serve`` (its scheduler) both decode with it; each decides who joins when.
+
+    ``stream_length``: how many uniforms each row's random stream holds (drawn up front, the same width
+    for every row so batches can be joined); a row's ``max_tokens`` should not exceed it.
+    """
+
+    def __init__(self, model: Any, *, eos_token_ids: Sequence[int], pad_token_id: int, stream_length: int):
+        self.model = model
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.stream_length = stream_length
+        self.joinable = True  # False once a prefill gave a cache that cannot be joined: then batch by batch
+        self._state: _BatchState | None = None
+        self._rows: dict[int, _LiveRow] = {}  # key -> row, for the live rows
+        self._pending: torch.Tensor | None = None  # last step's tokens, not yet run through the model
+
+    @property
+    def live(self) -> int:
+        return len(self._rows)
+
+    @torch.inference_mode()
+    def join(self, prompts: Sequence[tuple[Sequence[int], Sequence[DecodeRow]]]) -> None:
+        """Prefill ``(prompt token ids, its rows)`` together (left padded, in the order given) and add the rows."""
+        prompts = [(ids, rows) for ids, rows in prompts if rows]
+        if not prompts:
+            return
+        joining = [row for _, rows in prompts for row in rows]
+        if any(row.key in self._rows for row in joining) or len({row.key for row in joining}) < len(joining):
+            raise ValueError("a row's key is already in use in this batch")
+        self._advance()
+        fresh = _prefill(self.model, prompts, self.stream_length, self.pad_token_id)
+        self.joinable = self.joinable and _mergeable(fresh.cache)
+        if self._state is None or not self._rows:
+            self._state = fresh
+        else:
+            self._state.keep((~self._state.done).nonzero().squeeze(1))
+            self._state.extend(fresh)
+        self._rows.update((row.key, _LiveRow(row)) for row in joining)
+
+    @torch.inference_mode()
+    def drop(self, keys: Sequence[int]) -> None:
+        """Rows that are not wanted any more (their client left) stop here, without a last token."""
+        if self._state is None or not keys:
+            return
+        for key in keys:
+            self._rows.pop(key, None)
+        self._state.done |= torch.isin(self._state.rows, torch.tensor(list(keys), device=self._state.rows.device))
+        if not self._rows:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget every row (after a failure)."""
+        self._state, self._pending = None, None
+        self._rows.clear()
+
+    @torch.inference_mode()
+    def step(self, compact: bool = True) -> list[NewToken]:
+        """One token for every live row, in batch order; finished rows leave. ``compact=False`` leaves them
+        in the cache until the next :meth:`join` cuts them out; otherwise they are cut once a quarter of the
+        batch has finished. The model runs on these tokens at the start of the next step or join, so a
+        caller can hand them out first."""
+        self._advance()
+        state = self._state
+        if state is None or not self._rows:
+            return []
+        uniform = state.uniforms.gather(1, state.steps.clamp(max=self.stream_length - 1)[:, None]).squeeze(1)
+        tokens = sample_tokens(state.logits, state.temperature, state.top_p, state.top_k, uniform)
+        keys, done = state.rows.tolist(), state.done.tolist()
+        entries = self._logprobs(state.logits, tokens, [None if d else self._rows[k].row.logprobs
+                                                        for k, d in zip(keys, done)])
+        new: list[NewToken] = []
+        for position, (key, token) in enumerate(zip(keys, tokens.tolist())):
+            if done[position]:
+                continue
+            live = self._rows[key]
+            live.token_ids.append(token)
+            reason = None
+            if token in self.eos_token_ids or (live.row.stop is not None and live.row.stop.hit(live.token_ids)):
+                reason = "stop"
+            elif len(live.token_ids) >= live.row.max_tokens:
+                reason = "length"
+            if reason is not None:
+                done[position] = True
+                del self._rows[key]
+            new.append(NewToken(key, token, entries[position], reason))
+        state.done = torch.tensor(done, dtype=torch.bool, device=state.done.device)
+        state.steps += 1
+        if not self._rows:
+            self._state = None
+            return new
+        if compact and done.count(True) >= max(1, REFILL_FRACTION * len(state)):
+            keep = (~state.done).nonzero().squeeze(1)
+            state.keep(keep)
+            tokens = tokens[keep]
+        self._pending = tokens
+        return new
+
+    def _advance(self) -> None:
+        """Run the model one step on the tokens the last step sampled: every row's next logits."""
+        tokens, self._pending = self._pending, None
+        state = self._state
+        if tokens is None or state is None:
+            return
+        state.attention_mask = torch.cat([state.attention_mask, state.attention_mask.new_ones((len(state), 1))], 1)
+        state.logits = self.model(input_ids=tokens[:, None], attention_mask=state.attention_mask,
+                                  position_ids=state.next_position[:, None], use_cache=True,
+                                  **{cache_kwarg(self.model): state.cache}).logits[:, -1, :].float()
+        state.next_position = state.next_position + 1
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, wanted: list[int | None]
+                  ) -> list[dict[str, Any] | None]:
+        """Per position, the model's own log-prob of its token (temperature 1) and the ``wanted`` likeliest
+        alternatives, for the rows that asked."""
+        if all(w is None for w in wanted):
+            return [None] * len(wanted)
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+        top = max(w for w in wanted if w is not None)
+        if top:
+            top_values, top_ids = (t.tolist() for t in logp.topk(top, dim=-1))
+        out: list[dict[str, Any] | None] = []
+        for position, (token, want) in enumerate(zip(tokens.tolist(), wanted)):
+            if want is None:
+                out.append(None)
+                continue
+            entry: dict[str, Any] = {"token_id": token, "logprob": chosen[position]}
+            if want:
+                entry["top_logprobs"] = [{"token_id": t, "logprob": v}
+                                         for t, v in zip(top_ids[position][:want], top_values[position][:want])]
+            out.append(entry)
+        return out
+
+
+@dataclass
+class _LiveRow:
+    row: DecodeRow
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _BatchState:
+    """A DecodeBatch's tensors, aligned to its rows (finished ones too, until cut); compacted and extended together."""
+
+    rows: torch.Tensor  # batch position -> row key
     steps: torch.Tensor  # tokens generated so far by each row
     done: torch.Tensor
     attention_mask: torch.Tensor  # (batch, cache width), left padded
@@ -142,7 +318,7 @@ class _Batch:
     temperature: torch.Tensor
     top_p: torch.Tensor
     top_k: torch.Tensor
-    uniforms: torch.Tensor  # (batch, max_new_tokens): each row's own random stream, drawn up front
+    uniforms: torch.Tensor  # (batch, stream_length): each row's own random stream, drawn up front
     logits: torch.Tensor  # the next-token logits of every row
     cache: Any
 
@@ -164,7 +340,7 @@ class _Batch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
 
-    def extend(self, other: "_Batch") -> None:
+    def extend(self, other: "_BatchState") -> None:
         """Append rows; the narrower cache is left padded (masked) to the wider one's width."""
         width = max(self.attention_mask.shape[1], other.attention_mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
@@ -192,7 +368,41 @@ def _mergeable(cache: Any) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
-@torch.inference_mode()
+def _prefill(model: Any, prompts: Sequence[tuple[Sequence[int], Sequence[DecodeRow]]], stream_length: int,
+             pad_token_id: int) -> _BatchState:
+    """Run the prompts once (left padded together) and fan each out to its rows."""
+    from transformers import DynamicCache
+
+    device = model.device
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(prompts):
+        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :].float()
+
+    chosen = [row for _, rows in prompts for row in rows]
+    fan_out = torch.tensor([k for k, (_, rows) in enumerate(prompts) for _ in rows], device=device)
+    cache.batch_select_indices(fan_out)
+    uniforms = torch.stack([torch.rand(stream_length, generator=torch.Generator().manual_seed(r.seed))
+                            for r in chosen]).to(device)
+    return _BatchState(
+        rows=torch.tensor([r.key for r in chosen], device=device),
+        steps=torch.zeros(len(chosen), dtype=torch.long, device=device),
+        done=torch.zeros(len(chosen), dtype=torch.bool, device=device), attention_mask=attention_mask[fan_out],
+        next_position=position_ids[fan_out, -1] + 1,
+        temperature=torch.tensor([r.sampling.temperature for r in chosen], device=device),
+        top_p=torch.tensor([r.sampling.top_p for r in chosen], device=device),
+        top_k=torch.tensor([r.sampling.top_k for r in chosen], device=device),
+        uniforms=uniforms, logits=logits[fan_out], cache=cache,
+    )
+
+
 def decode_stream(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[RowRequest], *, batch_size: int,
                   max_new_tokens: int, eos_token_ids: Sequence[int], pad_token_id: int, logprobs: int | None = None,
                   stop: StopStrings | None = None, on_tokens: Callable[[int], None] | None = None
@@ -203,105 +413,41 @@ def decode_stream(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[R
     length beforehand), all candidates of a prompt together, each prompt
     prefilled once; up to ``batch_size`` rows decode at a time.
     """
-    device = model.device
     by_prompt: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         by_prompt.setdefault(row.prompt_index, []).append(i)
     waiting = deque(by_prompt)
     outputs: dict[int, RowOutput] = {}
-    eos = torch.tensor(list(eos_token_ids), device=device)
-    batch: _Batch | None = None
-    refill = True  # becomes False for caches that cannot be joined: then a batch runs until it empties
+    batch = DecodeBatch(model, eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, stream_length=max_new_tokens)
 
     while True:
-        live = 0 if batch is None else len(batch) - int(batch.done.sum())
-        room = batch_size - live
+        room = batch_size - batch.live
         wanted = max(len(by_prompt[waiting[0]]), batch_size * REFILL_FRACTION) if waiting else 0
-        if waiting and (live == 0 or (refill and room >= wanted)):
+        # Refill once a quarter of the batch is free (each join copies the cache); a cache that cannot be
+        # joined runs until it empties.
+        if waiting and (batch.live == 0 or (batch.joinable and room >= wanted)):
             admitted: list[int] = []
             while waiting and (not admitted or len(by_prompt[waiting[0]]) <= room):
                 room -= len(by_prompt[waiting[0]])
                 admitted.append(waiting.popleft())
-            fresh = _prefill(model, prompts, admitted, by_prompt, rows, max_new_tokens, pad_token_id, device)
-            refill = refill and _mergeable(fresh.cache)
-            for prompt_index in admitted:
-                for i in by_prompt[prompt_index]:
+            batch.join([(prompts[p], [DecodeRow(i, rows[i].sampling, rows[i].seed, max_new_tokens, stop, logprobs)
+                                      for i in by_prompt[p]]) for p in admitted])
+            for p in admitted:
+                for i in by_prompt[p]:
                     outputs[i] = RowOutput(logprobs=[] if logprobs is not None else None)
-            if batch is None or live == 0:
-                batch = fresh
-            else:
-                batch.keep((~batch.done).nonzero().squeeze(1))
-                batch.extend(fresh)
-        if batch is None:
+        if batch.live == 0:
             return
-
-        uniform = batch.uniforms.gather(1, batch.steps.clamp(max=max_new_tokens - 1)[:, None]).squeeze(1)
-        tokens = sample_tokens(batch.logits, batch.temperature, batch.top_p, batch.top_k, uniform)
-        if logprobs is not None:
-            _record_logprobs(outputs, batch.logits, tokens, batch.rows, batch.done, logprobs)
-        finished = torch.isin(tokens, eos) | (batch.steps + 1 >= max_new_tokens)
+        new = batch.step(compact=not waiting)
         if on_tokens is not None:
-            on_tokens(len(batch) - int(batch.done.sum()))
-        for position, (row, token) in enumerate(zip(batch.rows.tolist(), tokens.tolist())):
-            if batch.done[position]:
-                continue
-            out = outputs[row]
-            out.token_ids.append(token)
-            if token in eos_token_ids or (stop is not None and stop.hit(out.token_ids)):
-                out.finish_reason = "stop"
-                finished[position] = True
-            if finished[position]:
-                yield row, outputs.pop(row)
-        batch.done |= finished
-        batch.steps += 1
-
-        if bool(batch.done.all()):
-            batch = None
-            continue
-        if not waiting and int(batch.done.sum()) >= max(1, REFILL_FRACTION * len(batch)):
-            keep = (~batch.done).nonzero().squeeze(1)
-            batch.keep(keep)
-            tokens = tokens[keep]
-        batch.attention_mask = torch.cat([batch.attention_mask, batch.attention_mask.new_ones((len(batch), 1))], 1)
-        batch.logits = model(input_ids=tokens[:, None], attention_mask=batch.attention_mask,
-                             position_ids=batch.next_position[:, None], use_cache=True,
-                             **{cache_kwarg(model): batch.cache}).logits[:, -1, :].float()
-        batch.next_position = batch.next_position + 1
-
-
-def _prefill(model: Any, prompts: Sequence[Sequence[int]], admitted: list[int], by_prompt: dict[int, list[int]],
-             rows: Sequence[RowRequest], max_new_tokens: int, pad_token_id: int, device: Any) -> _Batch:
-    """Run the admitted prompts once (left padded together) and fan each out to its candidate rows."""
-    from transformers import DynamicCache
-
-    width = max(len(prompts[p]) for p in admitted)
-    input_ids = torch.full((len(admitted), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(admitted), width), dtype=torch.long)
-    for i, p in enumerate(admitted):
-        ids = prompts[p]
-        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
-        attention_mask[i, width - len(ids):] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :].float()
-
-    row_ids = [i for p in admitted for i in by_prompt[p]]
-    fan_out = torch.tensor([k for k, p in enumerate(admitted) for _ in by_prompt[p]], device=device)
-    cache.batch_select_indices(fan_out)
-    chosen = [rows[i] for i in row_ids]
-    uniforms = torch.stack([torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(r.seed))
-                            for r in chosen]).to(device)
-    return _Batch(
-        rows=torch.tensor(row_ids, device=device), steps=torch.zeros(len(row_ids), dtype=torch.long, device=device),
-        done=torch.zeros(len(row_ids), dtype=torch.bool, device=device), attention_mask=attention_mask[fan_out],
-        next_position=position_ids[fan_out, -1] + 1,
-        temperature=torch.tensor([r.sampling.temperature for r in chosen], device=device),
-        top_p=torch.tensor([r.sampling.top_p for r in chosen], device=device),
-        top_k=torch.tensor([r.sampling.top_k for r in chosen], device=device),
-        uniforms=uniforms, logits=logits[fan_out], cache=cache,
-    )
+            on_tokens(len(new))
+        for token in new:
+            out = outputs[token.key]
+            out.token_ids.append(token.token_id)
+            if token.logprob is not None:
+                out.logprobs.append(token.logprob)  # type: ignore[union-attr]
+            if token.finish_reason is not None:
+                out.finish_reason = token.finish_reason
+                yield token.key, outputs.pop(token.key)
 
 
 def generate_rows(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[RowRequest], *,
@@ -315,21 +461,3 @@ def generate_rows(model: Any, prompts: Sequence[Sequence[int]], rows: Sequence[R
                                 pad_token_id=pad_token_id, logprobs=logprobs, stop=stop, on_tokens=on_tokens):
         outputs[i] = out
     return outputs  # type: ignore[return-value]
-
-
-def _record_logprobs(outputs: dict[int, RowOutput], logits: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor,
-                     done: torch.Tensor, top: int) -> None:
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
-    token_ids = tokens.tolist()
-    if top:
-        top_values, top_ids = logp.topk(top, dim=-1)
-        top_values, top_ids = top_values.tolist(), top_ids.tolist()
-    for position, row in enumerate(rows.tolist()):
-        if done[position]:
-            continue
-        entry: dict[str, Any] = {"token_id": token_ids[position], "logprob": chosen[position]}
-        if top:
-            entry["top_logprobs"] = [{"token_id": t, "logprob": v}
-                                     for t, v in zip(top_ids[position], top_values[position])]
-        outputs[row].logprobs.append(entry)  # type: ignore[union-attr]

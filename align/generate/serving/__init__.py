@@ -7,7 +7,7 @@ align's own server runs, in four parts with one job each:
 
 - :mod:`.requests`: OpenAI request bodies -> typed requests, or a 400 naming the bad field;
 - :mod:`.scheduler`: continuous batching (requests join and leave one running batch between steps),
-  built from :mod:`align.generate.decode`'s prefill, sampler and cache handling;
+  decoding with :class:`align.generate.decode.DecodeBatch`, as ``align generate`` does;
 - :mod:`.service` and :mod:`.responses`: requests -> scheduler jobs -> OpenAI responses and stream chunks;
 - :mod:`.http`: routes, JSON and server-sent events, the API key, SIGTERM.
 
