@@ -253,10 +253,13 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       KL 0.002-0.005 per token. lr 2e-4 with all pairs per prompt (align.data.pairs.DEFAULT_STRATEGY) and
       TRL's ``sft`` term beside the sigmoid loss (RPO, https://arxiv.org/abs/2404.19733: the NLL of the chosen
       answer keeps the student writing answers like the good ones, not only further from the bad ones):
-      see the README's quality section for the figures. TRL's own 1e-6 barely moves a LoRA adapter.
-      KTO takes the same 2e-4 (it had 5e-5): on the suite's five tasks, seed 0, KTO at 2e-4 moved concise
-      +0.137 (random labels +0.091) and warm +0.041 (random -0.022) at KL <= 0.1 per token and length
-      <= 1.0x the reference. At 5e-5 (issue 15's trial, not re-run on the suite) it moved held-out answers
+      on the suite's five tasks (scripts/bench/results/quality.json, 3 seeds) DPO moved held-out answers on
+      concise +0.132 (random labels +0.089; paired advantage +0.042, CI 0.020-0.068), caution +0.052 (random
+      +0.044), example +0.037, list +0.032, warm +0.014, at KL 0.015-0.071 per token and never longer answers:
+      beyond random labels on concise only (the README's quality section has the table). TRL's own 1e-6
+      barely moves a LoRA adapter (KL 0.000 per token, gains within +-0.015 on every task).
+      KTO takes the same 2e-4 (it had 5e-5): on the same run KTO at 2e-4 moved concise +0.136 (random labels
+      +0.089) and warm +0.049 (random -0.013) at KL <= 0.1 per token and length <= 1.0x the reference. At 5e-5 (issue 15's trial, not re-run on the suite) it moved held-out answers
       +0.065, about what random labels did.
     - SFT, ORPO and SimPO have no reference. SFT's loss is on completion tokens only (TRL decides that from the
       data's shape; set here so ``trl_args.json`` says it) at the same LoRA rate, or TRL's 2e-5 for a full
