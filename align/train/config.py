@@ -266,8 +266,9 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       fine-tune. SimPO is CPO's trainer with ``loss_type: simpo`` and no behaviour-cloning term (``cpo_alpha``
       0) at SimPO's beta 2.0 and target margin gamma 1.0 (gamma/beta 0.5; Meng et al. 2024,
       https://arxiv.org/abs/2405.14734): its rewards are mean per-token log-probs, so TRL's beta 0.1 would
-      barely separate them. ORPO keeps TRL's beta (its lambda) of 0.1, the paper's. Neither was measured on the
-      quality suite yet; their LoRA rate is DPO's.
+      barely separate them. ORPO keeps TRL's beta (its lambda) of 0.1, the paper's. Their LoRA rate is DPO's; on
+      the quality suite (concise and caution, seed 0) neither cleared the random-label control on caution,
+      and SimPO's concise gain came at 3.5x DPO's KL per token (README, SFT/ORPO/SimPO subsection).
     - The rest as every align trainer has it (:func:`run_defaults`).
     """
     full_finetune_rate = 2e-5 if method == "sft" else 5e-6
