@@ -93,7 +93,7 @@ def test_each_method_trains_with_its_trainer_on_its_data_within_the_same_budget(
 
         monkeypatch.setattr(align.train, trainer, record)
     for method in METHODS:
-        if method == "trl-dpo":
+        if method in ("trl-dpo", "align-rounds"):  # plain TRL; the pipeline (below)
             continue
         student = Student("concise", method, 0, LR_VARIANT)
         run_dir = quality.train_student(student, tmp_path)
@@ -105,8 +105,42 @@ def test_each_method_trains_with_its_trainer_on_its_data_within_the_same_budget(
         reference = method in ("align-dpo", "align-kto", "random")
         assert ("ref_cache_dir" in call) == reference
         assert call.get("learning_rate") == (1e-4 if reference else None)  # the variant's setting, DPO/KTO only
-    assert len(calls) == len(METHODS) - 1
+    assert len(calls) == len(METHODS) - 2
     assert Path(calls[quality.train_student(Student("concise", "align-sft", 0), tmp_path)]["data"]).name == "sft.jsonl"
+
+
+def test_rounds_are_the_pipeline_with_the_same_data_settings_and_total_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.pipeline
+    from align.pipeline.manifest import StageRecord
+
+    student = Student("caution", "align-rounds", 1, LR_VARIANT)
+    configs = []
+
+    def finish(config: Any) -> Any:  # what run_pipeline leaves: round 2's manifest naming its training run
+        configs.append(config)
+        last = Path(config.run_dir) / "round-2"
+        align.pipeline.Manifest(last).save("train", StageRecord("done", {}, "h", {"run_dir": str(last / "train")},
+                                                                0.0))
+        (last / "train").mkdir()
+        return type("Result", (), {"rounds": [{"dir": str(last)}], "run_dir": str(config.run_dir)})()
+
+    monkeypatch.setattr(align.pipeline, "run_pipeline", finish)
+    run_dir = Path(quality.train_student(student, tmp_path))
+    config = configs[0]
+    assert config.rounds == 2 and config.train["max_steps"] * config.rounds == quality.STEPS
+    assert config.train["per_device_train_batch_size"] == quality.BATCH and config.seed == 1
+    assert config.train["method"] == "dpo" and config.train["learning_rate"] == 1e-4  # a variant applies as to DPO
+    assert "seed" not in config.train and config.reference == "original" and config.teacher_share == 0.5
+    task = next(t for t in quality.load_tasks() if t.name == "caution")
+    generate = config.generate  # round 1's candidates: the same settings as every other method's
+    assert (generate["num_candidates"], generate["max_new_tokens"], generate["temperature"]) == (4, 64, 1.0)
+    assert generate["system_prompt"] == task.teacher_system_prompt and config.label.rules == task.rules
+    assert Path(generate["prompts"]) == tmp_path / "caution" / "train_prompts.jsonl"
+    assert Path(config.eval["reference_answers"]) == tmp_path / "caution" / "reference-greedy.jsonl"
+    assert run_dir == student.folder(tmp_path) / "runs" / student.name
+    assert run_dir.resolve() == (Path(config.run_dir) / "round-2" / "train").resolve()
+    assert Student("caution", "align-rounds", 1).name != Student("caution", "align-dpo", 1).name
 
 
 def test_sft_rows_are_the_best_answer_per_prompt_and_written_once(tmp_path: Path) -> None:
@@ -125,7 +159,7 @@ def test_sft_rows_are_the_best_answer_per_prompt_and_written_once(tmp_path: Path
 def test_methods_narrow_what_runs_not_what_the_table_reports() -> None:
     assert set(NEW) <= set(METHODS) and not set(NEW) & set(QUICK_METHODS)
     run, report = quality.plan_methods(",".join(NEW), quick=False)
-    assert run == NEW and report == ("align-dpo", "align-kto", "random", "trl-dpo")
+    assert run == NEW and report == ("align-dpo", "align-kto", "random", "trl-dpo", "align-rounds")
     assert quality.plan_methods(None, quick=False) == (METHODS, ())
     assert quality.plan_methods(None, quick=True) == (QUICK_METHODS, ())
     assert quality.plan_methods("align-sft", quick=True) == (("align-sft",), QUICK_METHODS)

@@ -14,6 +14,8 @@ disjoint held-out prompts):
    - ``align-sft``: ``align train sft`` with its defaults on the selected best answers (the teacher's own, curated),
    - ``align-orpo``, ``align-simpo``: ``align train orpo`` / ``simpo`` with their defaults on the DPO pairs
      (no reference model);
+   - ``align-rounds``: ``align pipeline run`` with ``rounds: 2`` of 20 DPO steps each (the same 40 in all): round 1
+     on the teacher's candidates as above, round 2 on candidates half the teacher's and half round 1's student's;
 3. ``align eval`` puts each student against the reference (the model it started from) on the held-out
    prompts, greedy and sampled (K answers per prompt at temperature 1), and the task's rules score every
    answer: score before -> after with a prompt-clustered bootstrap 95% interval, answers improved/worsened,
@@ -63,6 +65,7 @@ class Method:
     trainer: str | None
     data: str  # in the pairs folder (Variant.pairs_tag), or for sft.jsonl the selection folder (Variant.select_tag)
     variant_applies: bool
+    rounds: int = 1  # > 1: align's on-policy rounds (the pipeline's ``rounds``), the budget's steps split among them
 
 
 # --set settings are DPO/KTO ones and apply to those trainers only: the same name can mean something else
@@ -76,7 +79,13 @@ REGISTRY = {
     "align-sft": Method("sft", "sft.jsonl", False),
     "align-orpo": Method("orpo", "pairs.jsonl", False),
     "align-simpo": Method("simpo", "pairs.jsonl", False),
+    # DPO in 2 on-policy rounds of 20 steps: round 1 on the teacher's candidates (as align-dpo's), round 2 on
+    # candidates half from the teacher, half from round 1's student; the data is the pipeline's own
+    "align-rounds": Method("dpo", "pairs.jsonl", True, rounds=2),
 }
+# Rounds after the first: the share of each prompt's candidates the prompted teacher writes. The student answers
+# without the task's hint, so with none of the teacher's its candidates may hold no answer the rules like.
+ROUND_TEACHER_SHARE = 0.5
 METHODS = tuple(REGISTRY)
 # --quick keeps its one question (and ~25 min): the three reference-free methods would add 6 trainings of ~8 min
 QUICK_TASKS, QUICK_METHODS = ("concise", "caution"), ("align-dpo", "random")
@@ -161,8 +170,13 @@ class Variant:
     def train_tag(self, method: str) -> str:
         from align.data.records import content_hash
 
-        trainer = REGISTRY[method].trainer
-        return content_hash(self.effective[trainer], 8) if trainer else "trl-defaults"
+        spec = REGISTRY[method]
+        if spec.trainer is None:
+            return "trl-defaults"
+        if spec.rounds > 1:
+            return content_hash({"train": self.effective[spec.trainer], "pairs": self.effective["pairs"],
+                                 "rounds": spec.rounds, "teacher_share": ROUND_TEACHER_SHARE}, 8)
+        return content_hash(self.effective[spec.trainer], 8)
 
 
 VARIANT_TRAINERS = ("dpo", "kto")  # the trainers a variant's --set settings apply to
@@ -314,15 +328,57 @@ def train_student(student: Student, work: Path) -> str:
     import align.train
     from align.train.config import REFERENCE_METHODS
 
-    budget: dict[str, Any] = {"max_steps": STEPS, "per_device_train_batch_size": BATCH, "seed": student.seed,
-                              "save_strategy": "no"}
+    budget: dict[str, Any] = {"max_steps": STEPS // method.rounds, "per_device_train_batch_size": BATCH,
+                              "seed": student.seed, "save_strategy": "no"}
     if method.trainer in REFERENCE_METHODS:
         budget["ref_cache_dir"] = str(work / "ref-cache")
     if method.variant_applies:
         budget.update(student.variant.train)
+    if method.rounds > 1:
+        _train_rounds(student, work, budget, run_dir)
+        return str(run_dir)
     getattr(align.train, method.trainer)(model=MODEL, data=str(folder / method.data), output_dir=str(run_dir),
                                          **budget)
     return str(run_dir)
+
+
+def _train_rounds(student: Student, work: Path, budget: dict[str, Any], run_dir: Path) -> None:
+    """``align pipeline run`` with ``rounds`` (config: :func:`rounds_config`); ``run_dir`` becomes a link to the
+    last round's training run, so the student is evaluated, and found trained, like any other."""
+    from align.pipeline import Manifest, run_pipeline
+
+    result = run_pipeline(rounds_config(student, work, budget))
+    last = Path(result.rounds[-1]["dir"]) if result.rounds else Path(result.run_dir)
+    trained = Manifest(last).output("train", "run_dir")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not run_dir.is_symlink():
+        run_dir.symlink_to(trained.resolve(), target_is_directory=True)
+
+
+def rounds_config(student: Student, work: Path, budget: dict[str, Any]) -> Any:
+    """The pipeline of a rounds student: round 1 generates, labels and pairs as ``prepare_task`` does (same
+    settings and seed) and trains on them; each later round's candidates come ``ROUND_TEACHER_SHARE`` from the
+    prompted teacher and the rest from the previous round's student, on the same training prompts, and it trains on
+    from those weights, anchored to the original model. Every round is scored greedily on the held-out prompts (the
+    pipeline's eval, on the suite's shared reference answers), so its ``rounds_summary`` says what each round
+    added."""
+    from align.pipeline import PipelineConfig
+
+    method = REGISTRY[student.method]
+    task = next(t for t in load_tasks() if t.name == student.task)
+    task_dir = work / student.task
+    train = {key: value for key, value in budget.items() if key != "seed"}  # the pipeline's seed seeds every stage
+    return PipelineConfig(
+        run_dir=student.folder(work) / "rounds" / student.name, seed=budget["seed"], rounds=method.rounds,
+        teacher_share=ROUND_TEACHER_SHARE,
+        generate={"model": MODEL, "prompts": str(task_dir / "train_prompts.jsonl"), "num_candidates": CANDIDATES,
+                  "system_prompt": task.teacher_system_prompt, "temperature": 1.0, "top_p": 0.95,
+                  "max_new_tokens": CANDIDATE_TOKENS, "progress": False},
+        label={"rules": task.rules}, pairs=dict(student.variant.pairs),
+        train={"method": method.trainer, "model": MODEL, **train},
+        eval={"prompts": str(task_dir / "heldout_prompts.jsonl"), "judge": str(task.rules),
+              "max_new_tokens": EVAL_TOKENS, "decoding": "greedy",
+              "reference_answers": str(task_dir / "reference-greedy.jsonl")})
 
 
 def _train_plain_trl(pairs: Path, run_dir: Path, seed: int) -> None:
@@ -375,6 +431,10 @@ def evaluate_student(student: Student, work: Path) -> dict[str, Any]:
                                   if length["mean_length_reference"] else None)
         out[decoding]["per_prompt_diff"] = _per_prompt_diffs(eval_dir / "per_prompt.jsonl")
     out["diagnosis"] = _diagnosis(folder / "runs" / student.name)
+    if REGISTRY[student.method].rounds > 1:  # what each round added, by the pipeline's own greedy evals
+        from align.pipeline.summary import read_summary
+
+        out["rounds"] = read_summary(folder / "rounds" / student.name)["rounds"]
     return out
 
 

@@ -119,7 +119,8 @@ def frontier_plot(students: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     colours = {"align-dpo": "tab:blue", "align-kto": "tab:green", "random": "tab:gray", "trl-dpo": "tab:red",
-               "align-sft": "tab:purple", "align-orpo": "tab:orange", "align-simpo": "tab:brown"}
+               "align-sft": "tab:purple", "align-orpo": "tab:orange", "align-simpo": "tab:brown",
+               "align-rounds": "tab:cyan"}
     markers = "osD^vP*X"
     tasks = sorted({s["task"] for s in students})
     fig, ax = plt.subplots(figsize=(7, 4.5))
