@@ -408,11 +408,11 @@ def _log_wandb(config: EvalConfig, metrics: dict[str, Any], out: Path) -> None:
     import os
 
     from align import extras
+    from align.train.tracking import configure_wandb
 
-    wandb = extras.wandb()  # wandb is an optional extra: a missing one says how to install it
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        os.environ["WANDB_MODE"] = "offline"
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "align"), job_type="eval", dir=str(out),
+    configure_wandb(["wandb"], str(out))  # a missing wandb (an optional extra) says how to install it
+    wandb = extras.wandb()
+    run = wandb.init(project=os.environ["WANDB_PROJECT"], job_type="eval", dir=str(out),
                      config=config.model_dump(mode="json"))
     run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     for png in sorted(out.glob("*.png")):

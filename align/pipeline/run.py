@@ -96,6 +96,14 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, from_
         raise ConfigError(f"--round {from_round}: the config has rounds 1 to {config.rounds}")
     check_prompts_per_round(config)
     config.run_dir.mkdir(parents=True, exist_ok=True)
+    from align.train.tracking import wandb_group  # imports transformers: not for `align pipeline --help`
+
+    with wandb_group(config.run_dir.resolve().name):  # with report_to: wandb, training and eval in one group
+        return _run_rounds(config, stages, from_stage, from_round)
+
+
+def _run_rounds(config: PipelineConfig, stages: tuple[str, ...], from_stage: str | None,
+                from_round: int) -> PipelineResult:
     ran: list[str] = []
     skipped: list[str] = []
     finished: list[Round] = []

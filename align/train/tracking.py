@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [row for _, row in iter_rows(path, tolerate_torn_tail=True)]
 
 
+WANDB_PROJECT = "align"  # training (TRL's callback reads WANDB_PROJECT) and eval log to the same project
+WANDB_HOST = "api.wandb.ai"
+
+
 def configure_wandb(report_to: list[str], run_dir: str) -> str | None:
-    """wandb without a network or a key runs offline into the run dir instead of failing.
+    """Set up wandb for a run: online when the user is logged in, offline into the run dir otherwise.
 
     Called before any model loads, so a missing wandb (an optional extra) stops the run here with
-    the install line, not after loading, in TRL's callback.
+    the install line, not after loading, in TRL's callback. Returns the mode, None when not asked for.
     """
     if "wandb" not in report_to:
         return None
@@ -61,6 +67,38 @@ def configure_wandb(report_to: list[str], run_dir: str) -> str | None:
 
     extras.wandb()
     os.environ.setdefault("WANDB_DIR", run_dir)
-    if not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        os.environ["WANDB_MODE"] = "offline"
-    return os.environ.get("WANDB_MODE", "online")
+    os.environ.setdefault("WANDB_PROJECT", WANDB_PROJECT)
+    os.environ.setdefault("WANDB_MODE", "online" if wandb_logged_in() else "offline")
+    return os.environ["WANDB_MODE"]
+
+
+def wandb_logged_in() -> bool:
+    """Whether wandb has a key: ``WANDB_API_KEY``, or the entry ``wandb login`` writes to the netrc file
+    (``NETRC`` or ~/.netrc) for its server (``WANDB_BASE_URL``'s host, or api.wandb.ai). Without one, wandb
+    would stop the run to ask for a key; with one the user expects their runs online."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "")).hostname or WANDB_HOST
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        entry = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
+        return False
+    return bool(entry and entry[2])
+
+
+@contextmanager
+def wandb_group(name: str) -> Iterator[None]:
+    """Every wandb run started inside (training, through TRL's callback, and eval) joins the group ``name``, so
+    one pipeline's runs show together in the project; a ``WANDB_RUN_GROUP`` the user set is kept."""
+    if os.environ.get("WANDB_RUN_GROUP"):
+        yield
+        return
+    os.environ["WANDB_RUN_GROUP"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("WANDB_RUN_GROUP", None)
