@@ -43,6 +43,36 @@ def text_or_file(value: str | None, what: str) -> str | None:
     return text
 
 
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.-]*=")
+
+
+def override_texts(args: list[str] | tuple[str, ...]) -> list[str]:
+    """Command-line overrides as ``key=value`` texts: align's ``key=value``, and TRL's (HfArgumentParser's)
+    ``--key value``, ``--key=value`` and a bare ``--flag`` (true). Dashes in a ``--key`` read as underscores, as
+    TRL takes ``--per-device-train-batch-size`` too. A ``--flag`` followed by another option or a ``key=value``
+    is a switch turned on."""
+    texts: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--"):
+            texts.append(arg)
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not key or key.startswith("-"):
+            raise ConfigError(f"argument {arg!r}: expected --key value, --key=value or key=value")
+        key = key.replace("-", "_")
+        if not sep:
+            if i < len(args) and not args[i].startswith("--") and not _OVERRIDE.match(args[i]):
+                value = args[i]
+                i += 1
+            else:
+                value = "true"
+        texts.append(f"{key}={value}")
+    return texts
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"lora.r=16"`` -> (["lora", "r"], 16). Values are read as YAML scalars/lists."""
     if "=" not in text:
@@ -168,7 +198,7 @@ def load_config(model: type[C], path: str | Path | None = None, overrides: list[
         data.update(file_data)
     data.update({k: v for k, v in (updates or {}).items() if v is not None})
     from_override: dict[tuple[str, ...], str] = {}
-    for text in overrides:
+    for text in override_texts(overrides):
         keys, value = parse_override(text)
         _set_nested(data, keys, value)
         from_override[tuple(keys)] = text

@@ -13,7 +13,9 @@ app = typer.Typer(help="Convert and validate data files; select SFT rows from ju
 
 @app.command()
 def convert(
-    input: Path = typer.Argument(..., help="File to convert (.json, .jsonl, .parquet, .gz, or a datasets folder)."),
+    input: str = typer.Argument(..., help="File to convert (.json, .jsonl, .parquet, .gz), a datasets folder, or a "
+                                          "hub dataset id (datasets.load_dataset; its offline cache with "
+                                          "HF_HUB_OFFLINE=1)."),
     output: Path = typer.Option(..., "-o", "--output", help="Where to write TRL-shaped JSONL (or .json/.parquet)."),
     format: str = typer.Option("auto", "--format", help=f"Input format: auto, {', '.join(FORMATS)}."),
     to: str = typer.Option(None, "--to", help="'unpaired' turns pairs into KTO rows (chosen: true, rejected: false)."),
@@ -27,13 +29,15 @@ def convert(
         "mean", "--rank-by",
         help="UltraFeedback (raw): rank completions by the 'mean' of the aspect ratings (fine-grained score) or by "
              "the critique's 'overall' score; the pair is the best and the worst."),
+    split: str = typer.Option("train", "--split", help="The split of a datasets folder or hub dataset."),
+    limit: int = typer.Option(None, "--limit", help="Convert the first N records only."),
 ) -> None:
     """Convert HH-RLHF, UltraFeedback, distilabel, OpenAI, ShareGPT/LLaMA-Factory or TRL data into TRL's pairs,
     unpaired or SFT shape."""
     from align.data.convert import convert_file
 
     result = convert_file(input, output, fmt=format, to=to, skip_invalid=skip_invalid,
-                          early_divergence=early_divergence, rank_by=rank_by)
+                          early_divergence=early_divergence, rank_by=rank_by, split=split, limit=limit)
     for line in result.lines():
         typer.echo(line)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 from align.data.formats import (CONVERTERS, EARLY_DIVERGENCE, FORMATS, OUTPUT_TYPES, RANK_BY, SKIP_REASONS,
                                 ConvertOptions, FieldError, SkipRow, explain_format, pairs_to_unpaired, trl_kind)
-from align.data.io import Malformed, iter_rows, write_records
+from align.data.io import DEFAULT_SPLIT, Malformed, iter_rows, write_records
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
 
@@ -92,14 +93,15 @@ def _n(count: int, word: str) -> str:
 
 def convert_file(input_path: str | Path, output_path: str | Path, *, fmt: str = "auto", to: str | None = None,
                  skip_invalid: bool = False, early_divergence: str = "pairs", rank_by: str = "mean",
-                 max_problems: int = 20) -> ConvertResult:
+                 split: str = DEFAULT_SPLIT, limit: int | None = None, max_problems: int = 20) -> ConvertResult:
     """Convert a whole file; on any bad row (unless ``skip_invalid``) write nothing and raise.
 
     ``to="unpaired"`` turns pairs into KTO rows (chosen -> desirable,
     rejected -> undesirable). Rows that are well-formed but hold no pair
     (identical chosen and rejected, no preference among rated completions) are
     skipped and counted by reason. ``early_divergence`` and ``rank_by``: see
-    :class:`~align.data.formats.ConvertOptions`.
+    :class:`~align.data.formats.ConvertOptions`. ``input_path`` may also be a dataset folder or a hub id
+    (``split`` picks the split); ``limit`` converts the first N records only.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError.at(input_path, f"unknown format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
@@ -110,7 +112,9 @@ def convert_file(input_path: str | Path, output_path: str | Path, *, fmt: str = 
                                        f"{' or '.join(EARLY_DIVERGENCE)}")
     if rank_by not in RANK_BY:
         raise DataError.at(input_path, f"unknown --rank-by {rank_by!r}: use {' or '.join(RANK_BY)}")
-    rows = iter_rows(input_path, yield_malformed=True)
+    if limit is not None and limit < 1:
+        raise DataError.at(input_path, f"--limit must be at least 1, got {limit}")
+    rows = itertools.islice(iter_rows(input_path, yield_malformed=True, split=split), limit)
     first = next(rows, None)
     if first is None:
         raise DataError.at(input_path, "no records")

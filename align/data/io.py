@@ -1,4 +1,5 @@
-"""Reading and writing records: JSONL, JSON, Parquet and Hugging Face datasets.
+"""Reading and writing records: JSONL, JSON, Parquet and Hugging Face datasets (a ``save_to_disk`` folder, or a hub
+id through ``datasets.load_dataset``, which reads its offline cache when ``HF_HUB_OFFLINE=1``).
 
 Two guarantees every stage relies on:
 
@@ -23,6 +24,7 @@ import gzip
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,14 +35,19 @@ from align.errors import DataError, Location
 JSON_SUFFIXES = (".json", ".json.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+# A hub dataset id (``owner/name``) as datasets.load_dataset takes it; read as one only when no such path exists.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+DEFAULT_SPLIT = "train"
 
 
 def file_format(path: str | Path) -> str:
-    """'jsonl', 'json', 'parquet' or 'hf' (a ``save_to_disk`` folder), from the path."""
+    """'jsonl', 'json', 'parquet', 'hf' (a ``save_to_disk`` folder) or 'hub' (a hub id), from the path."""
     p = Path(path)
     name = p.name.lower()
     if p.is_dir():
         return "hf"
+    if is_hub_id(path):
+        return "hub"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(JSON_SUFFIXES):
@@ -61,8 +68,15 @@ class Malformed(str):
     """Stands in for a JSONL line that is not valid JSON, when the caller wants to see them all."""
 
 
-def iter_rows(path: str | Path, *, tolerate_torn_tail: bool = False,
-              yield_malformed: bool = False) -> Iterator[tuple[Location, Any]]:
+def is_hub_id(path: str | Path) -> bool:
+    """Whether ``path`` names a hub dataset: an ``owner/name`` id with no file or folder of that name here."""
+    text = str(path)
+    return bool(HUB_ID.match(text)) and not Path(text).exists() and not text.lower().endswith(
+        JSON_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
+
+
+def iter_rows(path: str | Path, *, tolerate_torn_tail: bool = False, yield_malformed: bool = False,
+              split: str = DEFAULT_SPLIT) -> Iterator[tuple[Location, Any]]:
     """Yield ``(location, row)`` for every record in a file, in order.
 
     Malformed JSON raises :class:`DataError` at its line, or with
@@ -72,6 +86,9 @@ def iter_rows(path: str | Path, *, tolerate_torn_tail: bool = False,
     stages read their own output so.
     """
     p = Path(path)
+    if is_hub_id(path):
+        yield from _iter_dataset(_load_hub(str(path), split), str(path), split)
+        return
     if not p.exists():
         raise DataError.at(path, "file does not exist")
     fmt = file_format(p)
@@ -91,12 +108,34 @@ def iter_rows(path: str | Path, *, tolerate_torn_tail: bool = False,
             ds = datasets.load_from_disk(str(p))
         except (FileNotFoundError, ValueError) as exc:
             raise DataError.at(path, f"not a Hugging Face dataset folder ({exc})") from exc
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError.at(path, f"dataset has splits {list(ds)}; expected a 'train' split")
-            ds = ds["train"]
-        for i, row in enumerate(ds, start=1):
-            yield Location(str(p), row=i), row
+        yield from _iter_dataset(ds, str(p), split)
+
+
+def _load_hub(dataset_id: str, split: str) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(dataset_id, split=split)
+    except Exception as exc:  # noqa: BLE001  (datasets raises many kinds: not found, offline, bad split)
+        offline = " (offline: only a dataset already in the datasets cache loads)" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
+        raise DataError.at(dataset_id, f"datasets.load_dataset({dataset_id!r}, split={split!r}) failed"
+                                       f"{offline}: {type(exc).__name__}: {exc}") from None
+
+
+def _iter_dataset(ds: Any, where: str, split: str) -> Iterator[tuple[Location, Any]]:
+    """The rows of a Dataset, or of a DatasetDict's ``split`` (an error names the splits there are)."""
+    import datasets
+
+    if not isinstance(ds, datasets.DatasetDict) and split not in (DEFAULT_SPLIT, str(ds.split)):
+        raise DataError.at(where, f"is one dataset ({ds.split or 'no split'}), not split {split!r}: remove --split")
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError.at(where, f"dataset has splits {list(ds)}, not {split!r}: choose one with --split / "
+                                      "split=")
+        ds = ds[split]
+    for i, row in enumerate(ds, start=1):
+        yield Location(f"{where}" if split == DEFAULT_SPLIT else f"{where}[{split}]", row=i), row
 
 
 def _iter_jsonl(p: Path, tolerate_torn_tail: bool, yield_malformed: bool) -> Iterator[tuple[Location, Any]]:

@@ -69,7 +69,10 @@ class TrainConfig(LoraSwitch):
     method: Method = "dpo"
     model: str = DEFAULT_MODEL
     data: str
+    split: str = Field("train", description="the split to train on when data is a dataset folder or a hub id")
+    limit: PositiveInt | None = Field(None, description="train on the first N rows of data only")
     eval_data: str | None = None
+    eval_data_split: str = Field("train", description="the split of eval_data when it is a dataset folder or a hub id")
     eval_split: float | Literal["auto"] = Field(
         "auto", description="fraction of the prompts held out (prompt-disjoint) for reward accuracy before/after "
         "training; 0: none. auto: 0.2 when the data has at least 20 distinct prompts, none otherwise "
@@ -94,6 +97,14 @@ class TrainConfig(LoraSwitch):
         "already keeps the cores busy and a smaller batch means less activation memory and padding; the whole "
         "batch on a GPU. null: the whole batch")
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_script_names(cls, data: Any) -> Any:
+        """TRL's CLI names (``model_name_or_path``, ``dataset_name``, ``use_peft``, ``lora_r``...) as align's."""
+        from align.train.trl_names import from_trl_names
+
+        return from_trl_names(data) if isinstance(data, dict) else data
 
     @field_validator("eval_split", mode="before")
     @classmethod

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from align.data.formats import CONVERTERS, OUTPUT_TYPES, FieldError, detect_format, pairs_to_unpaired, trl_kind
-from align.data.io import Malformed, iter_rows, sha256_of
-from align.data.records import detect_kind, to_plain
+from align.data.io import DEFAULT_SPLIT, Malformed, is_hub_id, iter_rows, sha256_of
+from align.data.records import content_hash, detect_kind, to_plain
 from align.data.validate import parse_row
 from align.errors import DataError, Location, Problem
 
@@ -38,7 +39,8 @@ class TrainingData:
     converted_from: str | None = None  # source format when the file was not already TRL-shaped
 
 
-def load_training_data(path: str | Path, method: str, *, max_problems: int = 20) -> TrainingData:
+def load_training_data(path: str | Path, method: str, *, split: str = DEFAULT_SPLIT, limit: int | None = None,
+                       max_problems: int = 20) -> TrainingData:
     """Rows in TRL's shape for ``method`` (pairs for DPO, ORPO and SimPO, unpaired for KTO, prompt/completion for
     SFT), only TRL's columns.
 
@@ -47,7 +49,7 @@ def load_training_data(path: str | Path, method: str, *, max_problems: int = 20)
     is an error that says how to make the rows the method needs.
     """
     needed = NEEDED_KIND[method]
-    rows, kind, source_format = _read_any(path, max_problems)
+    rows, kind, source_format = _read_any(path, max_problems, split, limit)
     if kind == "pairs" and needed == "unpaired":
         log.info("%s holds pairs; KTO uses each pair as a desirable and an undesirable row", path)
         rows = list(pairs_to_unpaired(rows))
@@ -59,15 +61,25 @@ def load_training_data(path: str | Path, method: str, *, max_problems: int = 20)
                                  + " / ".join(f"`align train {m}`" for m in methods) + ".")
     columns = TRL_COLUMNS[kind]
     shaped = [{c: to_plain(row[c]) for c in columns} for row in rows]
-    return TrainingData(shaped, kind, str(path), sha256_of(path), source_format)
+    return TrainingData(shaped, kind, str(path), _source_hash(path, split, limit, shaped), source_format)
 
 
-def _read_any(path: str | Path, max_problems: int) -> tuple[list[dict[str, Any]], str, str | None]:
+def _source_hash(path: str | Path, split: str, limit: int | None, rows: list[dict[str, Any]]) -> str:
+    """The SHA-256 of the data file or folder (of the rows themselves for a hub dataset), and of the split and
+    limit when they are not the defaults: a run dir's data.json and resume checks compare it."""
+    whole = content_hash(rows, 64) if is_hub_id(path) else sha256_of(path)
+    if split == DEFAULT_SPLIT and limit is None:
+        return whole
+    return content_hash({"data": whole, "split": split, "limit": limit}, 64)
+
+
+def _read_any(path: str | Path, max_problems: int, split: str = DEFAULT_SPLIT,
+              limit: int | None = None) -> tuple[list[dict[str, Any]], str, str | None]:
     problems: list[Problem] = []
     rows: list[dict[str, Any]] = []
     kind: str | None = None
     source_format: str | None = None
-    for location, row in iter_rows(path, yield_malformed=True):
+    for location, row in itertools.islice(iter_rows(path, yield_malformed=True, split=split), limit):
         try:
             for converted in _to_trl(row, location, source_format):
                 row_kind = trl_kind(converted)

@@ -102,7 +102,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         raise ConfigError("QLoRA (lora.quantize: 4bit) needs a CUDA GPU with bitsandbytes; on CPU drop "
                           "lora.quantize (plain LoRA) or use a GPU machine")
     # Everything that can fail on bad input is checked before any model is loaded.
-    data = load_training_data(config.data, config.method)
+    data = load_training_data(config.data, config.method, split=config.split, limit=config.limit)
     extra_losses = [m.align_extra_loss for m in extra_mixins if getattr(m, "align_extra_loss", None)]
     args = build_trl_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported(),
                           extra_loss=", ".join(extra_losses) or None)
@@ -138,11 +138,12 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 
     reference_text = _describe_reference(config, student)
     log.info("reference: %s", reference_text)
+    init = model_init_kwargs(args)
     model = load_model(student, trust_remote_code=config.trust_remote_code, merge_adapter=True,
-                       **_quantization_kwargs(config))
+                       **_quantization_kwargs(config), **init)
     ref_model = None
-    if reference is not None:
-        ref_model = load_model(reference, trust_remote_code=config.trust_remote_code, merge_adapter=True)
+    if reference is not None:  # loaded as the student is, as TRL loads its reference
+        ref_model = load_model(reference, trust_remote_code=config.trust_remote_code, merge_adapter=True, **init)
         ref_model.requires_grad_(False).eval()
     peft_config = config.lora.peft_config() if config.lora else None
 
@@ -195,7 +196,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 def _split_heldout(config: TrainConfig, rows: list[dict[str, Any]], seed: int) -> tuple[list, list]:
     """(training rows, held-out rows): eval_data when given, else a prompt-disjoint eval_split of the data."""
     if config.eval_data:
-        return rows, load_training_data(config.eval_data, config.method).rows
+        return rows, load_training_data(config.eval_data, config.method, split=config.eval_data_split).rows
     fraction = auto_eval_split(rows) if config.eval_split == "auto" else float(config.eval_split)
     train_rows, heldout_rows = split_holdout(rows, fraction, seed)
     if heldout_rows:
@@ -294,6 +295,29 @@ def _set_kto_weights(config: TrainConfig, args: Any, rows: list[dict[str, Any]])
                  "set by you" if explicit else "set automatically", ratio)
 
 
+def model_init_kwargs(args: Any) -> dict[str, Any]:
+    """TRL's ``model_init_kwargs`` (dtype, attention implementation, revision...) as align's model layer takes
+    them: TRL applies them only to a model it loads from a name, and align loads the model itself. A dtype name
+    ("bfloat16") becomes the torch dtype; "auto" stays."""
+    import json
+
+    import torch
+
+    init = getattr(args, "model_init_kwargs", None) or {}
+    init = dict(json.loads(init) if isinstance(init, str) else init)
+    if "trust_remote_code" in init:
+        raise ConfigError("model_init_kwargs: set trust_remote_code at the top level of the config, not here")
+    dtype = init.get("dtype", init.pop("torch_dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"model_init_kwargs: dtype {dtype!r} is not a torch dtype (e.g. bfloat16, float32, "
+                              "auto)")
+        dtype = getattr(torch, dtype)
+    if dtype is not None:
+        init["dtype"] = dtype
+    return init
+
+
 def _quantization_kwargs(config: TrainConfig) -> dict[str, Any]:
     if config.lora is None or not config.lora.quantize:
         return {}
@@ -314,6 +338,9 @@ def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> 
         "method": config.method, "reference_weights": weights, "max_length": args.max_length,
         "truncation_mode": getattr(args, "truncation_mode", None), "ld_alpha": getattr(args, "ld_alpha", None),
         "dtype": str(next(model.parameters()).dtype), "trl": trl.__version__.split(".")[0],
+        # eager and sdpa attention round differently; named only when asked for, so earlier caches keep their keys
+        **({"attention": model.config._attn_implementation}
+           if (getattr(args, "model_init_kwargs", None) or {}).get("attn_implementation") else {}),
     }
 
 
