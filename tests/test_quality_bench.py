@@ -36,7 +36,8 @@ def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
         trl_args = json.loads(args.to_json_string())
         # CPU micro-batches (exact since 3362417) split the default DPO batch; the runs keep their whole-batch names
         _fold_micro_batches(trl_args, getattr(args, PASSES_PER_BATCH_ATTR, None))
-        own = set(type(config).model_fields) - {"data", "output_dir"}
+        # the fields TrainConfig had then (split, limit and eval_data_split came with hub datasets)
+        own = set(type(config).model_fields) - {"data", "output_dir", "split", "limit", "eval_data_split"}
         effective[method] = {"align": config.model_dump(mode="json", include=own),
                              "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
     return effective

@@ -135,7 +135,8 @@ class Variant:
             args = build_trl_args(config, "-", on_gpu=False, bf16_ok=False)
             trl_args = json.loads(args.to_json_string())
             _fold_micro_batches(trl_args, getattr(args, PASSES_PER_BATCH_ATTR, None))
-            own = set(type(config).model_fields) - {"data", "output_dir"}  # TRL's keys are in trl_args
+            # TRL's keys are in trl_args; which rows to read (the data, its split and limit) is the suite's
+            own = set(type(config).model_fields) - {"data", "output_dir", "split", "limit", "eval_data_split"}
             effective[method] = {"align": config.model_dump(mode="json", include=own),
                                  "trl": {k: v for k, v in trl_args.items() if k not in ("output_dir", "logging_dir")}}
         effective["select"] = select_defaults()
