@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from align.data.io import JsonlAppender, iter_rows, write_records
+from align.data.io import JsonlAppender, iter_rows, sort_finished_jsonl, write_records
 from align.errors import DataError
 
 ROWS = [{"prompt": "p1", "chosen": "a", "rejected": "b"}, {"prompt": "p2", "chosen": "c", "rejected": "d"}]
@@ -95,3 +95,17 @@ def test_gzip_jsonl_is_read(tmp_path: Path) -> None:
         f.write(json.dumps(ROWS[0]) + "\n")
     assert [row for _, row in iter_rows(path)] == [ROWS[0]]
     assert os.path.getsize(path) > 0
+
+
+def test_a_finished_file_is_put_in_input_order_byte_for_byte(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    lines = ['{"id": "b", "n": 1}\n', '{"id":"a","x":"é"}\n', '{"id": "zz"}\n', '{"id": "b", "n": 2}\n']
+    path.write_text("".join(lines), encoding="utf-8")
+    place = {"a": 0, "b": 1}
+    assert sort_finished_jsonl(path, lambda row: place.get(row["id"], 2))
+    # stable (b's rows keep their order), unknown ids last, each line exactly as it was written
+    assert path.read_text(encoding="utf-8") == "".join([lines[1], lines[0], lines[3], lines[2]])
+    assert not sort_finished_jsonl(path, lambda row: place.get(row["id"], 2))  # already in order: untouched
+    path.write_text('{"id": "b"}\n{"id": "a"}\n{"id": "a", "torn', encoding="utf-8")
+    assert not sort_finished_jsonl(path, lambda row: place[row["id"]])  # not finished: left for the next run
+    assert not list(tmp_path.glob(".out.jsonl.*"))  # no temp file left behind

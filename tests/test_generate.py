@@ -148,7 +148,8 @@ def test_generate_writes_one_candidate_set_per_prompt(tiny_model_dir: Path, prom
     result = generate(config(tiny_model_dir, prompts_file, out, logprobs=2, seed=3, system_prompt="Be brief."))
     assert (result.generated, result.candidates, result.already_done) == (5, 15, 0)
     sets = list(read_records(out, "candidates"))
-    assert sorted(s.prompt_id for s in sets) == ["p1", "p2", "p3", "p4", "p5"]
+    # the prompts' order, not the batch's (longest prompt first: p2 would lead)
+    assert [s.prompt_id for s in sets] == ["p1", "p2", "p3", "p4", "p5"]
     for s in sets:
         assert [c.id for c in s.responses] == [f"{s.prompt_id}-c{i}" for i in range(3)]
         assert s.teacher["model"] == str(tiny_model_dir) and s.teacher["backend"] == "transformers"
@@ -197,7 +198,7 @@ def test_resume_carries_on_and_never_duplicates(tiny_model_dir: Path, prompts_fi
     result = generate(config(tiny_model_dir, prompts_file, out))
     assert (result.already_done, result.generated) == (2, 3)
     rows = rows_of(out)
-    assert sorted(r["prompt_id"] for r in rows) == ["p1", "p2", "p3", "p4", "p5"]
+    assert [r["prompt_id"] for r in rows] == ["p1", "p2", "p3", "p4", "p5"]  # finished: in the prompts' order
     by_id = lambda rs: {r["prompt_id"]: [c["text"] for c in r["responses"]] for r in rs}  # noqa: E731
     assert by_id(rows) == by_id(rows_of(full))
     assert generate(config(tiny_model_dir, prompts_file, out)).generated == 0

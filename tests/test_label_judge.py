@@ -247,6 +247,21 @@ def test_rules_settle_what_they_can_and_the_judge_breaks_the_rest(tmp_path: Path
     assert rerun.written == 0 and rerun.routed == 0 and rerun.already_done == 6
 
 
+def test_a_finished_judgement_file_follows_the_candidates_order(tmp_path: Path, tiny_backend: LocalBackend) -> None:
+    candidates = write_candidates(tmp_path / "c.jsonl", {
+        "p": (PROMPT, ["Paris is the capital of France.", "Paris is the capital city of France.",
+                       "I'm sorry, but I can't help with that.", "Certainly! - **Paris**"]),
+        "q": (PROMPT, ["Paris.", "It is Paris."]),
+    })
+    out = tmp_path / "j.jsonl"
+    label_judge(candidates, out, backend=tiny_backend, settings=JudgeSettings(),
+                rules_path=REPO / "configs/rules/concise.yaml", progress=False)
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    # the rules settle five of p's pairs at once and the judge answers the rest later; the file reads in order
+    assert ids == ["p:r0-vs-r1", "p:r0-vs-r2", "p:r0-vs-r3", "p:r1-vs-r2", "p:r1-vs-r3", "p:r2-vs-r3",
+                   "q:r0-vs-r1"]
+
+
 def test_http_judge_against_a_real_local_server(tmp_path: Path, tiny_model_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A random tiny model answers gibberish: every verdict must be unparsed, kept raw, never a win."""

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +247,28 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sort_finished_jsonl(path: str | Path, key: Callable[[Any], Any]) -> bool:
+    """Put a finished JSONL file's lines in ``key`` order (stable), when they are not already, with one atomic
+    rename: resumable stages append in the order work completes (batches, retries, a resumed run's leftovers), and
+    readers expect the input's order. Lines move byte for byte; a kill during the rewrite leaves the file as it
+    was. Returns whether it rewrote."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    try:
+        keys = [key(json.loads(line)) for line in lines]
+    except json.JSONDecodeError:  # a torn line: not a finished file, left as it is for the next run to mend
+        return False
+    if all(a <= b for a, b in zip(keys, keys[1:])):
+        return False
+    order = sorted(range(len(lines)), key=keys.__getitem__)
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(lines[i] if lines[i].endswith("\n") else lines[i] + "\n" for i in order),
+                       encoding="utf-8")
+    return True
 
 
 def dumps(record: Any) -> str:

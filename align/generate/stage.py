@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from align.data.io import JsonlAppender, iter_rows
+from align.data.io import JsonlAppender, iter_rows, sort_finished_jsonl
 from align.data.records import Candidate, CandidateSet, PromptRecord, content_hash
 from align.data.validate import parse_row
 from align.errors import AlignError, ConfigError, DataError, Location, Problem
@@ -139,6 +139,7 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
     todo = [build_job(r, config) for r in records if r.id not in done]
     result = GenerateResult(output, len(records), len(records) - len(todo), 0, 0, 0, 0, 0, 0.0)
     if not todo:
+        _in_prompt_order(output, records)
         return result
 
     teacher: dict[str, Any] = {"model": config.model, "backend": config.backend, "settings_hash": expected}
@@ -174,7 +175,15 @@ def run_generate(config: GenerateConfig) -> GenerateResult:
         bar.close()
         backend.close()
     result.seconds = time.perf_counter() - start
+    _in_prompt_order(output, records)
     return result
+
+
+def _in_prompt_order(output: Path, records: list[PromptRecord]) -> None:
+    """A finished file in the prompts' order: rows are appended as prompts finish (batches end out of order, a
+    resumed run adds its prompts last); rows of prompts not in this run's list keep their place after them."""
+    place = {record.id: i for i, record in enumerate(records)}
+    sort_finished_jsonl(output, lambda row: place.get(row.get("prompt_id"), len(place)))
 
 
 class _LiveRate:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -29,7 +29,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from align.config import StrictConfig, text_or_file
-from align.data.io import JsonlAppender, iter_rows
+from align.data.io import JsonlAppender, iter_rows, sort_finished_jsonl
 from align.data.records import Candidate, CandidateSet, JudgedResponse, Judgement, JudgeInfo, content_hash, text_of
 from align.data.validate import load_records
 from align.errors import ConfigError
@@ -303,7 +303,22 @@ def label_judge(candidates_path: str | Path, output: str | Path, *, backend: Bac
     finally:
         if review_out:
             review_out.close()
+    for path in (output, review):  # finished: in the candidates' order, whatever order the answers came in
+        if path:
+            sort_finished_jsonl(path, _candidates_order(sets))
     return result
+
+
+def _candidates_order(sets: list[CandidateSet]) -> Callable[[dict[str, Any]], tuple[int, ...]]:
+    """A judgement's place in the candidates file: its prompt's, then its responses' within the prompt (rules
+    settle some of a chunk's judgements before the judge answers the rest, so they are written out of order)."""
+    place = {s.prompt_id: (i, {r.id: j for j, r in enumerate(s.responses)}) for i, s in enumerate(sets)}
+
+    def key(row: dict[str, Any]) -> tuple[int, ...]:
+        prompt, responses = place.get(row.get("prompt_id"), (len(place), {}))
+        return (prompt, *(responses.get(r.get("id"), len(responses)) for r in row.get("responses", [])))
+
+    return key
 
 
 def _chunks(pending: Iterator[_Pending], questions: int) -> Iterator[list[_Pending]]:
