@@ -57,3 +57,7 @@ class DataError(AlignError):
 
 class ConfigError(AlignError):
     """A config file or override that cannot be used as given."""
+
+
+class BusyError(AlignError):
+    """Another align process is writing the same output or run dir; this one stops before writing anything."""

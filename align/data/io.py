@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from align.errors import DataError, Location
+from align.errors import BusyError, DataError, Location
 
 JSON_SUFFIXES = (".json", ".json.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
@@ -236,6 +236,45 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+class ExclusiveLock:
+    """Holds ``path`` (a lock file, created) for one process, or fails at once when another holds it: two align
+    processes writing one output or run dir would interleave rows or checkpoints. The lock goes with the process
+    (the kernel drops it at exit, ``kill -9`` included), so a stopped run never leaves a stale one behind."""
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            self._fd = -1
+            raise BusyError(busy_message(what, holder)) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "ExclusiveLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def busy_message(what: str, holder: str = "") -> str:
+    return (f"{what} is being written by another align process{f' (pid {holder})' if holder else ''}: wait for "
+            "it to finish or stop it, then run again (it carries on where that one stopped)")
+
+
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (created if missing) while the block runs: one process at a time."""
@@ -346,7 +385,9 @@ class JsonlAppender:
     """Appends one record per line, each in a single ``write``; safe to kill at any moment.
 
     Opening repairs a torn tail left by a killed writer (bytes after the last
-    newline) so the file stays valid JSONL. Use as a context manager.
+    newline) so the file stays valid JSONL, and takes the file for this writer
+    alone: another process appending to it meanwhile gets a :class:`BusyError`.
+    Use as a context manager.
     """
 
     def __init__(self, path: str | Path, *, fsync: bool = False):
@@ -354,6 +395,11 @@ class JsonlAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # one writer at a time: a second would interleave its lines with ours (dropped at close or exit)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise BusyError(busy_message(str(self.path))) from None
         self._cut_torn_tail()
 
     def _cut_torn_tail(self) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from align.data.io import ExclusiveLock
 from align.errors import ConfigError
 from align.pipeline.chain import _train_stage
 from align.pipeline.checks import check_sections
@@ -98,7 +99,9 @@ def run_pipeline(config: PipelineConfig, *, from_stage: str | None = None, from_
     config.run_dir.mkdir(parents=True, exist_ok=True)
     from align.train.tracking import wandb_group  # imports transformers: not for `align pipeline --help`
 
-    with wandb_group(config.run_dir.resolve().name):  # with report_to: wandb, training and eval in one group
+    # One pipeline per run dir at a time: a second would race the first through the same stages and manifest.
+    with ExclusiveLock(config.run_dir / ".lock", f"pipeline run dir {config.run_dir}"), \
+            wandb_group(config.run_dir.resolve().name):  # with report_to: wandb, training and eval in one group
         return _run_rounds(config, stages, from_stage, from_round)
 
 

@@ -16,6 +16,7 @@ names, so every run dir reads alike:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from align.config import dump_config
-from align.data.io import write_json
+from align.data.io import ExclusiveLock, write_json
 from align.train.checkpoints import last_complete_checkpoint, prepare_run_dir
 from align.train.tracking import MetricsFileCallback, configure_wandb, read_metrics
 
@@ -33,7 +34,10 @@ class RunRecorder:
 
     def __init__(self, output_dir: str | Path, *, resume: bool, report_to: list[str] | None,
                  started: float | None = None):
-        # Refuses a dir that already holds a run unless resuming; done before any model is loaded.
+        # Refuses a dir that already holds a run unless resuming, or that another process is training in; done
+        # before any model is loaded. Other ranks of a distributed run write nothing here and take no lock.
+        self.lock = (ExclusiveLock(Path(output_dir) / ".lock", f"run dir {output_dir}")
+                     if os.environ.get("RANK", "0") == "0" else None)
         self.run_dir = prepare_run_dir(output_dir, resume)
         self.resume = resume
         self.started = time.time() if started is None else started
@@ -94,6 +98,13 @@ class RunRecorder:
         result.plot = str(plot) if plot else None
         write_json(self.run_dir / "run.json", {**asdict(result), **extra, "versions": {
             "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}})
+        self.release()
+
+    def release(self) -> None:
+        """Let another process (or a later run in this one) write the run dir; a run that fails lets go when
+        the recorder is collected or the process ends."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def final_loss(metrics: list[dict[str, Any]]) -> float | None:
