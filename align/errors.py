@@ -61,3 +61,7 @@ class ConfigError(AlignError):
 
 class BusyError(AlignError):
     """Another align process is writing the same output or run dir; this one stops before writing anything."""
+
+
+class DiskFullError(AlignError):
+    """The disk (or a quota or file-size limit) refused a write; what was written before is intact."""

@@ -109,3 +109,51 @@ def test_a_finished_file_is_put_in_input_order_byte_for_byte(tmp_path: Path) -> 
     path.write_text('{"id": "b"}\n{"id": "a"}\n{"id": "a", "torn', encoding="utf-8")
     assert not sort_finished_jsonl(path, lambda row: place[row["id"]])  # not finished: left for the next run
     assert not list(tmp_path.glob(".out.jsonl.*"))  # no temp file left behind
+
+
+# A child whose files may not grow past LIMIT bytes (`ulimit -f`): the kernel refuses the write (EFBIG), as a full
+# disk would (ENOSPC), so nothing here is simulated in Python.
+FULL_DISK = """
+import resource, signal, sys
+from align.data.io import JsonlAppender, write_records
+from align.errors import DiskFullError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+kind, path = sys.argv[1], sys.argv[2]
+try:
+    if kind == "whole":
+        write_records(path, [{"n": i, "text": "x" * 100} for i in range(200)])
+    else:
+        with JsonlAppender(path) as out:
+            for i in range(200):
+                out.append({"n": i, "text": "x" * 100})
+except DiskFullError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def run_with_full_disk(kind: str, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FULL_DISK, kind, str(path)], capture_output=True, text=True)
+
+
+def test_a_full_disk_leaves_the_earlier_file_whole_and_no_temporary_file(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.jsonl"
+    write_records(path, [{"n": "earlier"}])
+    before = path.read_bytes()
+    done = run_with_full_disk("whole", path)
+    assert done.returncode == 3, done.stderr
+    assert f"{path}: cannot write it (File too large); the file as it was before is untouched" in done.stdout
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
+
+
+def test_a_full_disk_mid_append_keeps_every_whole_line_and_the_next_run_mends_the_tail(tmp_path: Path) -> None:
+    path = tmp_path / "candidates.jsonl"
+    done = run_with_full_disk("append", path)
+    assert done.returncode == 3, done.stderr
+    assert f"{path}: cannot append to it (File too large); the lines written before are intact" in done.stdout
+    written = [row for _, row in iter_rows(path, tolerate_torn_tail=True)]
+    assert written == [{"n": i, "text": "x" * 100} for i in range(len(written))] and len(written) > 10
+    with JsonlAppender(path) as out:  # the next run: the torn tail is cut, then it appends
+        out.append({"n": "next"})
+    assert [row["n"] for _, row in iter_rows(path)][-2:] == [len(written) - 1, "next"]

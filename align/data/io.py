@@ -19,6 +19,7 @@ or row for columnar formats) so errors can point at it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import io
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from align.errors import BusyError, DataError, Location
+from align.errors import BusyError, DataError, DiskFullError, Location
 
 JSON_SUFFIXES = (".json", ".json.gz")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
@@ -226,14 +227,25 @@ def atomic_path(path: str | Path, *, suffix: str = "") -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as exc:
         if tmp_path.is_dir():
             import shutil
 
             shutil.rmtree(tmp_path, ignore_errors=True)
         else:
             tmp_path.unlink(missing_ok=True)
+        if is_out_of_space(exc):
+            raise DiskFullError(f"{target}: cannot write it ({exc.strerror}); the file as it was before is "
+                                "untouched and no temporary file is left: free some space and run again") from exc
         raise
+
+
+# A full disk, a full quota, or a file-size limit (ulimit -f): a write that can never succeed as it is.
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE
 
 
 class ExclusiveLock:
@@ -422,10 +434,17 @@ class JsonlAppender:
 
     def append(self, record: Any) -> None:
         data = memoryview((dumps(record) + "\n").encode("utf-8"))
-        while data:  # a regular file takes it all at once; loop only on a short write
-            data = data[os.write(self._fd, data):]
-        if self._fsync:
-            os.fsync(self._fd)
+        try:
+            while data:  # a regular file takes it all at once; loop only on a short write
+                data = data[os.write(self._fd, data):]
+            if self._fsync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            if is_out_of_space(exc):
+                raise DiskFullError(f"{self.path}: cannot append to it ({exc.strerror}); the lines written before "
+                                    "are intact, and a partly written last one is cut off when the stage runs "
+                                    "again: free some space and run it again") from exc
+            raise
 
     def close(self) -> None:
         if self._fd >= 0:
