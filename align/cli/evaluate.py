@@ -9,7 +9,8 @@ import typer
 
 def evaluate(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", help="Student: training run dir or any model spec."),
+    model: str = typer.Option(..., "--model", help="Student: training run dir, any model spec, or the URL of an "
+                                                  "OpenAI-compatible server serving it (align serve, vLLM)."),
     reference: str = typer.Option(..., "--reference", help="Reference model (usually the student's starting point)."),
     prompts: Path = typer.Option(..., "--prompts", help="Held-out prompts (JSONL)."),
     judge: Path = typer.Option(None, "--judge", help="Rules YAML used as the judge."),

@@ -179,11 +179,13 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
         lines.append(f"rule score {_fmt(m['rule_score_reference'])} -> {_fmt(m['rule_score_model'])}; "
                      f"meets every rule {m['rule_pass_rate_reference']:.3f} -> {m['rule_pass_rate_model']:.3f}; "
                      f"passes hard rules {m['pass_rate_reference']:.3f} -> {m['pass_rate_model']:.3f}")
-    kl = (f"KL(student||reference): {m['kl_per_token']:.4f} per token, "
-          f"{m['kl_per_sequence']:.3f} per sequence")
+    kl = (f"KL(student||reference): {m['kl_per_token']:.4f} per token, {m['kl_per_sequence']:.3f} per sequence"
+          if m.get("kl_per_token") is not None else "KL(student||reference): not measured")
     if m.get("kl_caveat"):
         kl += f" ({m['kl_caveat']})"
     lines.append(kl)
     lines.append(f"mean length: {m['mean_length_reference']:.1f} -> {m['mean_length_model']:.1f} tokens; "
                  f"hit the cap {m['hit_length_cap_reference']:.2f} -> {m['hit_length_cap_model']:.2f}")
+    if m.get("identical_answers") is not None:
+        lines.append(f"identical answers: {m['identical_answers']:.3f} of the compared pairs")
     return lines

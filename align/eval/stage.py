@@ -42,10 +42,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align.config import StrictConfig
-from align.errors import ConfigError
 from align.data.io import atomic_path, file_lock, write_json
 from align.data.records import CandidateSet, text_of
 from align.data.validate import read_records
+from align.errors import ConfigError
 from align.eval.logprobs import completion_logprobs
 from align.eval.stats import (
     compare_scores,
@@ -61,7 +61,11 @@ log = logging.getLogger(__name__)
 
 
 class EvalConfig(StrictConfig):
-    model: str
+    model: str = Field(..., description="the student: any model spec, or the URL of an OpenAI-compatible server "
+                       "serving it (align serve, vLLM, llama.cpp), e.g. a quantised export")
+    model_name: str | None = Field(None, description="with a server URL: the served model to ask (default: the "
+                                   "only one the server lists)")
+    api_key_env: str | None = Field(None, description="with a server URL: the variable holding its API key")
     reference: str
     prompts: Path
     output_dir: Path
@@ -93,6 +97,9 @@ class EvalConfig(StrictConfig):
     def _one_judge(self) -> "EvalConfig":
         if self.judge is None and self.judge_model is None:
             raise ValueError("give a judge: --judge RULES.yaml or --judge-model MODEL")
+        if is_server_url(self.model) and (self.pairs or self.teacher):
+            raise ValueError(f"the student is served at {self.model}: pairs (implicit rewards) and teacher (KL to "
+                             "a teacher) need its weights; give its folder or run dir as model for those")
         if self.decoding == "greedy" and self.samples_per_prompt > 1:
             raise ValueError(f"samples_per_prompt is {self.samples_per_prompt} but greedy decoding gives one "
                              "answer per prompt (K copies of it would fake precision): drop --greedy to sample "
@@ -139,11 +146,13 @@ def run_eval(config: EvalConfig) -> EvalResult:
         path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
         log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
                  role, spec, k, path)
+        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below).
+        where = _served(config) if role == "model" and is_server_url(spec) else {"model": spec}
         # Evals of several students may share the reference's answers at once: one writes, the others wait.
         with file_lock(path.with_name(path.name + ".lock")) if shared else contextlib.nullcontext():
             _check_earlier_answers(path, k, config.greedy)
             # Resumable like every stage: a rerun keeps what is already written.
-            generate(model=spec, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
+            generate(**where, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
                      temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
                      seed=config.seed, logprobs=0, batch_size=config.batch_size)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
@@ -165,6 +174,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     metrics.update(lc_win_rate=lc.rate, lc_win_rate_ci_low=lc.ci_low, lc_win_rate_ci_high=lc.ci_high,
                    lc_length_slope=lc.slope, lc_length_unit=unit)
     metrics.update(_lengths(sampled, prompt_ids))
+    metrics["identical_answers"] = _identical_share(sampled, prompt_ids)
     kl = _kl(config, sampled["model"], prompt_ids)
     metrics.update(kl_per_token=kl["per_token"], kl_per_sequence=kl["per_sequence"], kl_caveat=kl["caveat"])
     for pid, values in zip(prompt_ids, kl["sequences"]):
@@ -193,6 +203,38 @@ def run_eval(config: EvalConfig) -> EvalResult:
         _log_wandb(config, metrics, out)
     return EvalResult(str(out), metrics, str(report), metrics_file=str(metrics_file),
                       per_prompt=str(per_prompt_file), answers=answers)
+
+
+def is_server_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def _served(config: EvalConfig) -> dict[str, Any]:
+    """How ``align generate`` reaches a served student: the openai backend, and the model name the server lists
+    (or ``model_name``)."""
+    from align.models.openai_client import OpenAIClient
+
+    name = config.model_name
+    if name is None:
+        client = OpenAIClient(config.model, api_key_env=config.api_key_env)
+        try:
+            served = client.served_models()
+        finally:
+            client.close()
+        if len(served) != 1:
+            raise ConfigError(f"{config.model} serves {len(served)} models ({', '.join(served) or 'none listed'}): "
+                              "name the one to evaluate with model_name=NAME")
+        name = served[0]
+    where = {"model": name, "backend": "openai", "base_url": config.model}
+    return {**where, "api_key_env": config.api_key_env} if config.api_key_env else where
+
+
+def _identical_share(sampled: dict[str, dict[str, CandidateSet]], prompt_ids: list[str]) -> float | None:
+    """The share of compared answer pairs (student's k-th, reference's k-th) that are the same text: with greedy
+    answers, how often a served or quantised student says exactly what the original says."""
+    pairs = [(m.text, r.text) for pid in prompt_ids
+             for m, r in zip(sampled["model"][pid].responses, sampled["reference"][pid].responses)]
+    return sum(m == r for m, r in pairs) / len(pairs) if pairs else None
 
 
 def _load_rules(path: Path) -> Any:
@@ -346,8 +388,12 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
     over all K answers of every prompt; ``sequences`` holds each prompt's K log-ratios."""
     from align.models import load_model, load_tokenizer, prompt_token_ids
 
-    tokenizer = load_tokenizer(config.model)
+    served = is_server_url(config.model)
+    # A served student is scored on the tokens it returned, under the reference's tokenizer (a served or quantised
+    # student keeps its model's tokenizer).
+    tokenizer = load_tokenizer(config.reference if served else config.model)
     prompts, completions, owners = [], [], []
+    student: list[tuple[float, int]] = []
     for pid in prompt_ids:
         # Rendered as generation rendered it when the answers were sampled: scored on the same ids.
         prompt = prompt_token_ids(tokenizer, model_rows[pid].prompt)
@@ -355,8 +401,15 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
             prompts.append(prompt)
             completions.append(_response_ids(tokenizer, response))
             owners.append(pid)
-    log.info("scoring the student's %d samples under the student and the reference", len(prompts))
-    student = completion_logprobs(load_model(config.model, merge_adapter=True), prompts, completions)
+            if served:
+                student.append(_served_logprob(response))
+    if served and any(value is None for value, _ in student):
+        return {"per_sequence": None, "per_token": None, "sequences": [[] for _ in prompt_ids],
+                "caveat": f"{config.model} returned no log-probs for its tokens: no KL"}
+    log.info("scoring the student's %d samples under %sthe reference", len(prompts),
+             "" if served else "the student and ")
+    if not served:
+        student = completion_logprobs(load_model(config.model, merge_adapter=True), prompts, completions)
     reference = completion_logprobs(load_model(config.reference, merge_adapter=True), prompts, completions)
     flat = [s - r for (s, _), (r, _) in zip(student, reference)]
     tokens = sum(n for _, n in student)
@@ -373,6 +426,15 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
         caveat = None
     return {"per_sequence": mean(flat), "per_token": sum(flat) / tokens if tokens else None,
             "sequences": [by_prompt[pid] for pid in prompt_ids], "caveat": caveat}
+
+
+def _served_logprob(response: Any) -> tuple[float | None, int]:
+    """(the log-prob of a served answer, its tokens) from the per-token log-probs the server returned."""
+    entries = response.logprobs or []
+    values = [entry.get("logprob") for entry in entries]
+    if not entries or any(v is None for v in values):
+        return None, len(entries)
+    return float(sum(values)), len(entries)
 
 
 def _implicit_reward(config: EvalConfig) -> dict[str, Any]:

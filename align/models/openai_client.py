@@ -93,6 +93,19 @@ class OpenAIClient:
             self._wait(attempt, response.headers.get("retry-after"), str(response.status_code))
         raise AssertionError("unreachable")
 
+    def served_models(self) -> list[str]:
+        """The ids ``GET /v1/models`` lists (the names a request's ``model`` may take)."""
+        import httpx
+
+        url = self.url.removesuffix("/chat/completions") + "/models"
+        try:
+            response = self._client.get(url)
+        except httpx.TransportError as exc:
+            raise EndpointError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise EndpointError(self._refusal(response, "the list of models", 1), response.status_code)
+        return [str(entry.get("id")) for entry in (response.json().get("data") or []) if entry.get("id")]
+
     def _wait(self, attempt: int, retry_after: str | None, why: str) -> None:
         delay = min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s)
         try:
