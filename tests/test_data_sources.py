@@ -90,8 +90,9 @@ def test_a_hub_dataset_from_the_offline_cache(offline_hub: str, tmp_path: Path) 
     assert len(data.rows) == 5 and len(data.file_sha256) == 64
     assert load_training_data(offline_hub, "dpo", limit=5).file_sha256 == data.file_sha256
     assert load_training_data(offline_hub, "dpo").file_sha256 != data.file_sha256
-    with pytest.raises(DataError, match=r"someone/not-cached: datasets.load_dataset\('someone/not-cached', "
-                                        r"split='train'\) failed \(offline: only a dataset already in the"):
+    with pytest.raises(DataError, match=r"someone/not-cached: no such file or folder here, and as a hub dataset "
+                                        r"id datasets.load_dataset\('someone/not-cached', split='train'\) failed "
+                                        r"\(offline: only a dataset already in the"):
         load_training_data("someone/not-cached", "dpo")
 
 

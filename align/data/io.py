@@ -120,8 +120,9 @@ def _load_hub(dataset_id: str, split: str) -> Any:
     except Exception as exc:  # noqa: BLE001  (datasets raises many kinds: not found, offline, bad split)
         offline = " (offline: only a dataset already in the datasets cache loads)" if os.environ.get(
             "HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1" else ""
-        raise DataError.at(dataset_id, f"datasets.load_dataset({dataset_id!r}, split={split!r}) failed"
-                                       f"{offline}: {type(exc).__name__}: {exc}") from None
+        raise DataError.at(dataset_id, f"no such file or folder here, and as a hub dataset id "
+                                       f"datasets.load_dataset({dataset_id!r}, split={split!r}) failed{offline}: "
+                                       f"{type(exc).__name__}: {exc}") from None
 
 
 def _iter_dataset(ds: Any, where: str, split: str) -> Iterator[tuple[Location, Any]]:
