@@ -106,6 +106,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     extra_losses = [m.align_extra_loss for m in extra_mixins if getattr(m, "align_extra_loss", None)]
     args = build_trl_args(config, config.output_dir, on_gpu=on_gpu, bf16_ok=on_gpu and torch.cuda.is_bf16_supported(),
                           extra_loss=", ".join(extra_losses) or None)
+    init = model_init_kwargs(args)
     train_rows, heldout_rows = _split_heldout(config, data.rows, args.seed)
     # Resolved once here (a bad spec fails before any model loads; bundled weights convert once) and passed down.
     student = resolve_model(config.model)
@@ -138,7 +139,6 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
 
     reference_text = _describe_reference(config, student)
     log.info("reference: %s", reference_text)
-    init = model_init_kwargs(args)
     model = load_model(student, trust_remote_code=config.trust_remote_code, merge_adapter=True,
                        **_quantization_kwargs(config), **init)
     ref_model = None
@@ -340,7 +340,7 @@ def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> 
         "dtype": str(next(model.parameters()).dtype), "trl": trl.__version__.split(".")[0],
         # eager and sdpa attention round differently; named only when asked for, so earlier caches keep their keys
         **({"attention": model.config._attn_implementation}
-           if (getattr(args, "model_init_kwargs", None) or {}).get("attn_implementation") else {}),
+           if model_init_kwargs(args).get("attn_implementation") else {}),
     }
 
 
