@@ -249,8 +249,8 @@ def test_rounds_1_is_the_pipeline_as_it_was_and_its_run_dir_carries_on_as_round_
     run = tmp_path / "run"
     first = run_pipeline(load_pipeline_config(config))  # no rounds key: the pipeline as it always ran
     layout = sorted(path.name for path in run.iterdir())
-    assert layout == ["candidates.jsonl", "eval", "judgements.jsonl", "manifest.json", "pairs.jsonl", "train",
-                      "unpaired.jsonl"]
+    assert layout == [".lock", "candidates.jsonl", "eval", "judgements.jsonl", "manifest.json", "pairs.jsonl",
+                      "train", "unpaired.jsonl"]  # .lock: one pipeline per run dir at a time (since d78cbd3)
     assert first.rounds == [] and first.rounds_summary is None and first.stopped is None
     stages = _stages(run)
     plain = load_pipeline_config(config)

@@ -26,6 +26,7 @@ def test_a_resumed_run_reads_its_eval_before_back_instead_of_measuring_again(tmp
     def measured_again() -> dict:
         raise AssertionError("a resumed run measured 'before' on a student that had already trained")
 
+    first.release()  # the first run's process ended (killed): its lock on the run dir went with it
     resumed = RunRecorder(tmp_path / "run", resume=True, report_to=[])
     assert resumed.eval_before(measured_again) == {"rewards/accuracies": 0.5}
 
