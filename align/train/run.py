@@ -151,7 +151,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
     if config.ref_cache and getattr(args, "precompute_ref_log_probs", False):
         weights = (_fingerprint_source(student, model) if reference is None
                    else _fingerprint_source(reference, ref_model))
-        store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, weights, model))
+        store = RefLogpStore(config.ref_cache_dir, _ref_namespace(config, args, weights, model, init))
     trainer_cls = _trainer_class(config.method, config.prefix_sharing, config.lean_lm_head,
                                  _selective_recompute(config, on_gpu), extra_mixins)
     trainer_cls.align_ref_store = store
@@ -329,7 +329,8 @@ def _quantization_kwargs(config: TrainConfig) -> dict[str, Any]:
                                                       bnb_4bit_use_double_quant=True)}
 
 
-def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> dict[str, Any]:
+def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any,
+                   init: dict[str, Any]) -> dict[str, Any]:
     """Everything besides the example itself that changes the reference log-probs (``weights``: the
     reference's fingerprint)."""
     import trl
@@ -340,7 +341,7 @@ def _ref_namespace(config: TrainConfig, args: Any, weights: str, model: Any) -> 
         "dtype": str(next(model.parameters()).dtype), "trl": trl.__version__.split(".")[0],
         # eager and sdpa attention round differently; named only when asked for, so earlier caches keep their keys
         **({"attention": model.config._attn_implementation}
-           if model_init_kwargs(args).get("attn_implementation") else {}),
+           if init.get("attn_implementation") else {}),
     }
 
 
