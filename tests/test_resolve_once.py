@@ -22,12 +22,12 @@ def resolves(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(loading, "resolve_model", counting)
     monkeypatch.setattr("align.models.resolve_model", counting)
-    monkeypatch.setattr("align.train.export.resolve_model", counting)
+    monkeypatch.setattr("align.export.merged.resolve_model", counting)
     return seen
 
 
 def test_export_resolves_the_run_once(tiny_model_dir: Path, tmp_path: Path, resolves: list[str]) -> None:
-    from align.train.export import export_run
+    from align.export.merged import export_run
 
     out = export_run(str(tiny_model_dir), tmp_path / "exported")
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()

@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from align.cli import argilla, data, evaluate, generate, label, pipeline, serve, train
+from align.cli import argilla, data, evaluate, export, generate, label, pipeline, serve, train
 
 app = typer.Typer(
     name="align",
@@ -27,7 +27,7 @@ app.add_typer(label.app, name="label")
 app.add_typer(label.pairs_app, name="pairs")
 app.add_typer(train.app, name="train")
 app.add_typer(argilla.app, name="argilla")
-app.command(name="export")(train.export)
+app.command(name="export")(export.export)
 app.add_typer(pipeline.app, name="pipeline")
 app.command(name="serve")(serve.serve)
 app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(evaluate.evaluate)

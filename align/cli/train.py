@@ -119,15 +119,3 @@ def distill(
 
 def _round(value: float | None) -> float | None:
     return value if value is None else round(value, 4)
-
-
-def export(
-    run: str = typer.Argument(..., help="Training run dir (or adapter folder)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for the exported model."),
-    merge: bool = typer.Option(False, "--merge", help="Merge the LoRA adapter into the base weights."),
-) -> None:
-    """Export a trained run as a model folder (`save_pretrained` + tokenizer)."""
-    from align.train.export import export_run
-
-    out = export_run(run, output, merge=merge)
-    typer.echo(f"exported {run} to {out}")

@@ -66,9 +66,15 @@ class ModelSource:
 
     spec: str
     path: str
-    kind: str  # "bundled" | "local" | "adapter" | "hub"
+    kind: str  # "bundled" | "local" | "adapter" | "hub" | "gguf"
     adapter: str | None = None
     base_adapters: tuple[str, ...] = ()
+    # kind "gguf": the file in the folder ``path`` (an ``align export --quantize q4_0`` folder, or any .gguf)
+    gguf_file: str | None = None
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.path) / self.gguf_file if self.gguf_file else None
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -86,6 +92,8 @@ def _resolve(spec: str, seen: tuple[str, ...]) -> ModelSource:
     if spec.startswith(BUNDLED_PREFIX):
         return ModelSource(spec, str(bundled_model_path(spec[len(BUNDLED_PREFIX):])), "bundled")
     folder = Path(spec).expanduser()
+    if folder.suffix == ".gguf" and folder.is_file():
+        return ModelSource(spec, str(folder.parent), "gguf", gguf_file=folder.name)
     if folder.is_dir():
         return _resolve_folder(spec, folder, seen)
     if spec.startswith((".", "/", "~")) or os.sep in spec and folder.parent.exists() and not _looks_like_hub_id(spec):
@@ -126,8 +134,13 @@ def _resolve_folder(spec: str, folder: Path, seen: tuple[str, ...]) -> ModelSour
                                base_adapters=base_source.adapters)
         if (candidate / "config.json").exists():
             return ModelSource(spec, str(candidate), "local")
+    ggufs = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(ggufs) == 1:  # a quantised export, or a folder holding one GGUF file
+        return ModelSource(spec, str(folder), "gguf", gguf_file=ggufs[0])
+    if ggufs:
+        raise ModelError(f"{folder} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}): name the one to use")
     raise ModelError(f"{folder} holds no model: expected config.json (a model), adapter_config.json "
-                     "(a LoRA adapter) or a training run dir with model/ or adapter/ inside")
+                     "(a LoRA adapter), a .gguf file or a training run dir with model/ or adapter/ inside")
 
 
 # ----------------------------------------------------------------------------- bundled model
@@ -196,8 +209,9 @@ def load_tokenizer(spec: str | ModelSource, *, trust_remote_code: bool = False) 
     source = _source(spec)
     # An adapter folder may carry its own tokenizer (added tokens, a new template): the newest one that does.
     path = next((a for a in reversed(source.adapters) if (Path(a) / "tokenizer_config.json").exists()), source.path)
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the tokenizer of {source.spec!r} from {path}: {exc}") from exc
     if tokenizer.pad_token is None:
@@ -220,6 +234,8 @@ def load_model(spec: str | ModelSource, *, dtype: Any = None, device: str | None
 
     source = _source(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if source.gguf_file:  # transformers dequantises a GGUF file to float weights as it loads
+        from_pretrained = {"gguf_file": source.gguf_file, **from_pretrained}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=dtype or default_dtype(device), trust_remote_code=trust_remote_code, **from_pretrained)
