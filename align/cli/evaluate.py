@@ -11,8 +11,14 @@ def evaluate(
     ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Student: training run dir, any model spec, or the URL of an "
                                                   "OpenAI-compatible server serving it (align serve, vLLM)."),
-    reference: str = typer.Option(..., "--reference", help="Reference model (usually the student's starting point)."),
-    prompts: Path = typer.Option(..., "--prompts", help="Held-out prompts (JSONL)."),
+    reference: str = typer.Option(None, "--reference", help="Reference model (usually the student's starting point)."),
+    prompts: Path = typer.Option(None, "--prompts", help="Held-out prompts (JSONL)."),
+    tasks: str = typer.Option(None, "--tasks", help="Instead of prompts: benchmarks through lm-evaluation-harness "
+                                                    "(comma-separated task names or YAMLs; everyday_mc is shipped) "
+                                                    "on the student, --reference and each --quantized export."),
+    quantized: list[str] = typer.Option(None, "--quantized", help="--tasks: a quantised export of the student "
+                                                                  "(repeatable): its quantisation loss."),
+    limit: int = typer.Option(None, "--limit", min=1, help="--tasks: questions per task (default: all)."),
     judge: Path = typer.Option(None, "--judge", help="Rules YAML used as the judge."),
     judge_model: str = typer.Option(None, "--judge-model", help="LLM judge (pairwise, both orders)."),
     pairs: Path = typer.Option(None, "--pairs", help="Held-out pairs for implicit-reward accuracy."),
@@ -34,6 +40,9 @@ def evaluate(
     from align.eval import EvalConfig, run_eval
     from align.eval.report import summary_lines
 
+    if tasks:
+        _retention(ctx, model, reference, tasks, quantized, limit, output_dir, config)
+        return
     settings = {"model": model, "reference": reference, "prompts": prompts, "judge": judge,
                 "judge_model": judge_model, "pairs": pairs, "output_dir": output_dir, "teacher": teacher,
                 "teacher_system_prompt": teacher_system_prompt, "samples_per_prompt": samples_per_prompt,
@@ -47,3 +56,15 @@ def evaluate(
         typer.echo(f"KL(teacher||student): {t['kl_per_token']:.4f} per token; token agreement "
                    f"{t['token_agreement']:.3f}; greedy exact match {t['exact_match']:.3f}")
     typer.echo(f"report: {result.report}")
+
+
+def _retention(ctx: typer.Context, model: str, reference: str | None, tasks: str, quantized: list[str] | None,
+               limit: int | None, output_dir: Path, config: Path | None) -> None:
+    from align.config import load_config
+    from align.eval.retention import RetentionConfig, markdown, run_retention
+
+    settings = {"model": model, "reference": reference, "tasks": [t for t in tasks.split(",") if t],
+                "quantized": quantized or None, "limit": limit, "output_dir": output_dir}
+    rows = run_retention(load_config(RetentionConfig, config, list(ctx.args), updates=settings))
+    typer.echo(markdown(rows), nl=False)
+    typer.echo(f"report: {output_dir / 'retention.md'}")
