@@ -202,3 +202,32 @@ def test_the_scheduler_gives_pinned_tokens_with_per_request_limits_stops_and_log
     assert second == [None] * 3 and third == [None] * 6
     assert [e.get("top_logprobs", []) for e in fourth] == [[]] * 5 and fourth[0]["token_id"] == 198
     assert scheduler.largest_batch == 4
+
+
+def test_a_gguf_goes_to_llama_server_when_installed_else_to_align_with_the_reason(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from align.export.gguf import GGUF_QUANTS, write_gguf
+    from align.generate.serving.llamacpp import llamacpp_command
+    from align.models import load_model, load_tokenizer
+
+    write_gguf(load_model(str(tiny_model_dir), device="cpu"), load_tokenizer(str(tiny_model_dir)),
+               tmp_path / "m.gguf", GGUF_QUANTS["q8_0"], name="tiny")
+    source = resolve_model(str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("LLAMA_SERVER", raising=False)
+    engine, why = choose_engine(ServeConfig(model=str(tmp_path)), source)
+    assert engine == "align" and "llama-server is not on the PATH" in why and "dequantised" in why
+    with pytest.raises(AlignError, match="--engine llama.cpp: .*not on the PATH.*--engine align"):
+        choose_engine(ServeConfig(model=str(tmp_path), engine="llama.cpp"), source)
+    with pytest.raises(AlignError, match="--engine llama.cpp: .*is not a GGUF file"):
+        choose_engine(ServeConfig(model=str(tiny_model_dir), engine="llama.cpp"), resolve_model(str(tiny_model_dir)))
+
+    monkeypatch.setenv("LLAMA_SERVER", "/opt/llama/llama-server")
+    monkeypatch.setenv("KEY_VAR", "s3cret")
+    assert choose_engine(ServeConfig(model=str(tmp_path)), source)[0] == "llama.cpp"
+    config = ServeConfig(model=str(tmp_path), port=8123, max_batch=16, served_model_name="student",
+                         api_key_env="KEY_VAR", llamacpp_args=["--cache-type-k", "q8_0"])
+    argv, env = llamacpp_command(config, source, "/opt/llama/llama-server")
+    assert argv[:5] == ["/opt/llama/llama-server", "--model", str(tmp_path / "m.gguf"), "--host", "127.0.0.1"]
+    assert argv[argv.index("--alias") + 1] == "student" and argv[argv.index("--parallel") + 1] == "16"
+    assert argv[-2:] == ["--cache-type-k", "q8_0"] and "s3cret" not in argv and env == {"LLAMA_API_KEY": "s3cret"}

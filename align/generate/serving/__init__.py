@@ -2,8 +2,9 @@
 ``/v1/completions``) for any model align makes: a hub id, a folder, a training run dir with its LoRA
 adapter, or ``bundled:NAME``, resolved through :mod:`align.models` as every stage resolves it.
 
-With vLLM installed and a GPU visible, vLLM's own server is started for it (:mod:`.vllm`). Otherwise
-align's own server runs, in four parts with one job each:
+A GGUF file (``align export --quantize``) goes to llama.cpp's ``llama-server`` when it is installed
+(:mod:`.llamacpp`); with vLLM installed and a GPU visible, vLLM's own server is started (:mod:`.vllm`).
+Otherwise align's own server runs, in four parts with one job each:
 
 - :mod:`.requests`: OpenAI request bodies -> typed requests, or a 400 naming the bad field;
 - :mod:`.scheduler`: continuous batching (requests join and leave one running batch between steps),
@@ -29,11 +30,20 @@ log = logging.getLogger("align.server")
 
 
 def choose_engine(config: ServeConfig, source: object) -> tuple[str, str]:
-    """("vllm" | "align", why), for ``config.engine`` and the resolved model ``source``."""
-    from align.generate.serving import vllm
+    """("llama.cpp" | "vllm" | "align", why), for ``config.engine`` and the resolved model ``source``."""
+    from align.generate.serving import llamacpp, vllm
 
     if config.engine == "align":
         return "align", "asked for"
+    if config.engine == "llama.cpp" or getattr(source, "kind", None) == "gguf":
+        reason = llamacpp.unavailable_reason(source)  # type: ignore[arg-type]
+        if config.engine == "llama.cpp":
+            if reason:
+                raise AlignError(f"--engine llama.cpp: {reason}; or use --engine align (align's own server)")
+            return "llama.cpp", "asked for"
+        if config.engine == "auto":
+            return ("align", f"{reason}: align's server runs the GGUF weights dequantised, at float speed and "
+                             "memory") if reason else ("llama.cpp", "a GGUF file, and llama-server is installed")
     reason = vllm.unavailable_reason() or vllm.unsupported_reason(source)  # type: ignore[arg-type]
     if config.engine == "vllm":
         if reason:
@@ -76,6 +86,10 @@ def serve(config: ServeConfig) -> None:
         from align.generate.serving.vllm import exec_vllm
 
         exec_vllm(config, source)
+    if engine == "llama.cpp":
+        from align.generate.serving.llamacpp import exec_llamacpp
+
+        exec_llamacpp(config, source)
     if config.engine == "auto":
         log.info("align's own server (%s)", why)
     build_server(config, source).run()

@@ -17,8 +17,9 @@ class ServeConfig(StrictConfig):
     # The name /v1/models lists (default: the model spec as given). align's server answers whatever
     # 'model' a request names; vLLM answers only its served names.
     served_model_name: str | None = None
-    # auto: vLLM's own server when vLLM is installed and a GPU is present, else align's.
-    engine: Literal["auto", "vllm", "align"] = "auto"
+    # auto: for a GGUF file, llama.cpp's llama-server when installed; else vLLM's own server when vLLM is
+    # installed and a GPU is present; else align's.
+    engine: Literal["auto", "vllm", "llama.cpp", "align"] = "auto"
     # The key clients must send as 'Authorization: Bearer <key>', read from this environment variable.
     api_key_env: str | None = None
 
@@ -36,6 +37,8 @@ class ServeConfig(StrictConfig):
 
     # vLLM only: more arguments for `vllm serve`, e.g. ["--gpu-memory-utilization", "0.8"].
     vllm_args: list[str] = Field(default_factory=list)
+    # llama.cpp only: more arguments for llama-server, e.g. ["--cache-type-k", "q8_0"].
+    llamacpp_args: list[str] = Field(default_factory=list)
 
     @property
     def name(self) -> str:

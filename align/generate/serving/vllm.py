@@ -39,6 +39,9 @@ def unavailable_reason() -> str | None:
 
 def unsupported_reason(source: ModelSource) -> str | None:
     """Why vLLM cannot serve these weights as they are, or None."""
+    if source.kind == "gguf":
+        return (f"{source.spec} is a GGUF file: serve it with llama.cpp (--engine llama.cpp) or align's server, or "
+                "serve the float model it came from with vLLM")
     if source.base_adapters:
         return (f"{source.spec} is a LoRA adapter trained on another adapter ({', '.join(source.base_adapters)}); "
                 "vLLM serves one adapter on a plain base: merge it first with align export")
@@ -48,7 +51,7 @@ def unsupported_reason(source: ModelSource) -> str | None:
 def vllm_command(config: ServeConfig, source: ModelSource, python: str = sys.executable
                  ) -> tuple[list[str], dict[str, str]]:
     """The argv that starts vLLM's server for ``source``, and the environment variables to add to ours."""
-    port = config.port or _free_port(config.host)
+    port = config.port or free_port(config.host)
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", source.path,
             "--host", config.host, "--port", str(port)]
     if source.adapter:
@@ -75,7 +78,7 @@ def exec_vllm(config: ServeConfig, source: ModelSource) -> NoReturn:
     os.execve(argv[0], argv, {**os.environ, **env})
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     """vLLM does not print the port it got for --port 0: pick a free one here."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.bind((host, 0))
