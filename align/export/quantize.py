@@ -79,6 +79,9 @@ def _write(fmt: ExportFormat, model: Any, tokenizer: Any, folder: Path, prompts:
 
         path = folder / f"model-{fmt.name}.gguf"
         dequantised = write_gguf(model, tokenizer, path, GGUF_QUANTS[fmt.name], name=name)
+        # The tokenizer's own files beside it: loaded without parsing the GGUF again, and what vLLM's GGUF
+        # loader asks for (--tokenizer).
+        tokenizer.save_pretrained(folder)
         quantised = copy.deepcopy(model)  # the weights llama.cpp computes with, without parsing the file again
         quantised.load_state_dict(dequantised, strict=False)
         return path, quantised

@@ -209,7 +209,9 @@ def load_tokenizer(spec: str | ModelSource, *, trust_remote_code: bool = False) 
     source = _source(spec)
     # An adapter folder may carry its own tokenizer (added tokens, a new template): the newest one that does.
     path = next((a for a in reversed(source.adapters) if (Path(a) / "tokenizer_config.json").exists()), source.path)
-    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    # A GGUF file carries its tokenizer; align's exports also keep the tokenizer's files beside it (faster to load)
+    own_files = source.gguf_file and (Path(path) / "tokenizer_config.json").exists()
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file and not own_files else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **gguf)
     except (OSError, ValueError) as exc:

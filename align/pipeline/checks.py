@@ -17,11 +17,28 @@ def check_sections(config: PipelineConfig) -> None:
         ("generate", lambda: load_config(GenerateConfig, None, (), defaults={**config.generate, "output": run / "c"})),
         ("train", lambda: _check_train(config)),
         ("eval", lambda: _check_eval(config)),
+        ("export", lambda: _check_export(config)),
     ):
         try:
             check()
         except ConfigError as exc:
             raise ConfigError(f"section '{name}': {exc}") from None
+
+
+def _check_export(config: PipelineConfig) -> None:
+    """Unknown formats and a format this machine cannot write fail before generation, as export would later."""
+    import torch
+
+    from align.eval.retention import task_config
+    from align.export.formats import export_format
+
+    if config.export.quantize and config.rounds > 1:
+        raise ConfigError("quantised exports after rounds are not run yet: export the last round's student with "
+                          "align export RUN --quantize FORMAT")
+    for name in config.export.quantize:
+        export_format(name, gpu_visible=torch.cuda.is_available())
+    for task in config.export.tasks:
+        task_config(task)
 
 
 def _check_train(config: PipelineConfig) -> None:

@@ -16,7 +16,7 @@ from align.errors import ConfigError
 from align.label.stages import LabelSettings
 
 
-STAGES = ("generate", "label", "pairs", "select", "train", "eval")
+STAGES = ("generate", "label", "pairs", "select", "train", "eval", "export")
 
 
 class PeopleSettings(StrictConfig):
@@ -71,6 +71,18 @@ class StopWhen(StrictConfig):
                                        "original model passes it")
 
 
+class ExportSettings(StrictConfig):
+    """After eval: quantised copies of the student (``align export --quantize``), each served once by align's own
+    server as a check, and optionally scored on benchmarks beside the float student (``align eval --tasks``)."""
+
+    quantize: list[str] = Field(default_factory=list, description="formats, e.g. [q8_0, q4_1]; none: no export")
+    calibration: str | None = Field(None, description="prompts to calibrate and check on (default: the training "
+                                    "data)")
+    serve_check: bool = Field(True, description="serve each export with align's server and ask it one question")
+    tasks: list[str] = Field(default_factory=list, description="benchmarks for align eval --tasks (e.g. "
+                             "[everyday_mc]): the alignment tax and each export's quantisation loss")
+
+
 class PipelineConfig(StrictConfig):
     run_dir: Path
     seed: int = 0
@@ -98,6 +110,7 @@ class PipelineConfig(StrictConfig):
         "them: a chain, each link starting from the weights of the one before")
     eval: dict[str, Any] = Field(default_factory=dict, description="align eval settings; intermediate: true also "
                                  "scores each earlier link of a chain")
+    export: ExportSettings = Field(default_factory=ExportSettings, description="quantised exports after eval")
 
 
 def _is_chain(config: PipelineConfig) -> bool:

@@ -12,7 +12,7 @@ def _paths(run: Path) -> dict[str, Path]:
     candidates before merging them into candidates.jsonl."""
     return {"candidates": run / "candidates.jsonl", "judgements": run / "judgements.jsonl",
             "pairs": run / "pairs.jsonl", "unpaired": run / "unpaired.jsonl", "sft": run / "sft.jsonl",
-            "train": run / "train", "eval": run / "eval", "prompts": run / "prompts.jsonl",
+            "train": run / "train", "eval": run / "eval", "export": run / "export", "prompts": run / "prompts.jsonl",
             "candidates_teacher": run / "candidates_teacher.jsonl",
             "candidates_student": run / "candidates_student.jsonl"}
 
@@ -27,7 +27,7 @@ def _clear_outputs(stage: str, paths: dict[str, Path]) -> None:
     """A finished stage whose inputs changed starts over (resumable stages would otherwise keep old rows)."""
     owned = {"generate": ["candidates", "candidates_teacher", "candidates_student"], "label": ["judgements"],
              "pairs": ["pairs", "unpaired"], "select": ["sft"],
-             "train": ["train"], "eval": ["eval"]}[stage]
+             "train": ["train"], "eval": ["eval"], "export": ["export"]}[stage]
     for name in owned:
         _remove(paths[name])
 

@@ -30,7 +30,8 @@ def stage_settings_hash(config: PipelineConfig, stage: str) -> str:
     else:
         settings = {"generate": config.generate, "label": _label_settings_hashed(config.label),
                     "pairs": config.pairs.model_dump(mode="json"), "select": config.select.model_dump(mode="json"),
-                    "train": config.train, "eval": config.eval}[stage]
+                    "train": config.train, "eval": config.eval,
+                    "export": config.export.model_dump(mode="json")}[stage]
     return content_hash({"settings": settings, "seed": config.seed}, 32)
 
 

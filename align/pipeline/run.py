@@ -31,7 +31,7 @@ from align.pipeline.rounds import (
     round_settings_hash,
     round_start,
 )
-from align.pipeline.stages import _eval_stage, _generate, _label, _pairs, _select
+from align.pipeline.stages import _eval_stage, _export_stage, _generate, _label, _pairs, _select
 from align.pipeline.summary import original_row, round_row, stop_reason, write_summary
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,11 @@ class PipelineResult:
 
 
 def _stages(config: PipelineConfig) -> tuple[str, ...]:
-    """The stages this config runs: select writes SFT rows, so it runs only when a train link is SFT."""
+    """The stages this config runs: select writes SFT rows, so it runs only when a train link is SFT; export only
+    when it names formats."""
     wants_sft_rows = any(link.data == "sft" for link in _train_links(config))
-    return tuple(stage for stage in STAGES if stage != "select" or wants_sft_rows)
+    wanted = {"select": wants_sft_rows, "export": bool(config.export.quantize)}
+    return tuple(stage for stage in STAGES if wanted.get(stage, True))
 
 
 def _train_inputs(config: PipelineConfig, manifest: Manifest) -> dict[str, Path]:
@@ -144,6 +146,7 @@ def _run_round(config: PipelineConfig, round_: Round, stages: tuple[str, ...], f
         "select": lambda: {"judgements": manifest.output("label", "judgements")},
         "train": lambda: _train_inputs(config, manifest),
         "eval": lambda: _eval_inputs(config, manifest),
+        "export": lambda: {"weights": manifest.output("train", "weights")},
     }
     # Each stage reads its inputs (above) and writes where ``paths`` asks; what it wrote, its result names.
     runners: dict[str, Callable[[dict[str, Path]], StageOutput]] = {
@@ -153,6 +156,7 @@ def _run_round(config: PipelineConfig, round_: Round, stages: tuple[str, ...], f
         "select": lambda given: _select(settings, given["judgements"], paths["sft"]),
         "train": lambda given: _train_stage(settings, manifest, given, paths["train"], forced="train" in forced),
         "eval": lambda _: _eval_stage(settings, manifest, paths["eval"]),
+        "export": lambda _: _export_stage(settings, manifest, paths["export"]),
     }
     if round_.previous is not None:  # a round after the first: from the previous round's student
         previous = round_.previous.manifest

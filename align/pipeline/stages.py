@@ -3,11 +3,13 @@ hands on the files it wrote by name."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from align.config import load_config
+from align.data.io import write_json
 from align.data.pairs import build_pairs
 from align.data.select import select_sft
 from align.label.stages import LabelConfig, run_label
@@ -112,3 +114,63 @@ def _eval(config: PipelineConfig, train_run: Path, output_dir: Path, *, referenc
 # intervals, ties, and the KL per token (metrics.json has the rest).
 _EVAL_SUMMARY_KEYS = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
                       "lc_win_rate_ci_high", "ties", "kl_per_token")
+
+
+def _export_stage(config: PipelineConfig, manifest: Manifest, output_dir: Path) -> StageOutput:
+    """Each format of ``export.quantize`` into ``export/<format>/``; an export already whole there (it is written
+    whole or not at all) is kept, so a stopped stage carries on where it was. Then the serve check and the
+    benchmarks, if asked for."""
+    from align.export import quantize_run
+
+    settings = config.export
+    train_run = manifest.output("train", "run_dir")
+    files: dict[str, Path] = {}
+    summary: dict[str, Any] = {}
+    for fmt in settings.quantize:
+        folder = output_dir / fmt
+        if not (folder / "export.json").exists():
+            quantize_run(str(train_run), fmt, folder, calibration=settings.calibration)
+        report = json.loads((folder / "export.json").read_text())
+        files[fmt] = folder
+        summary[fmt] = {"size_bytes": report["size_bytes"], "kl_per_token": report["check"]["kl_per_token"],
+                        "next_token_agreement": report["check"]["next_token_agreement"]}
+        if settings.serve_check:
+            summary[fmt]["serve_check"] = _serve_check(folder, config)
+    if settings.tasks:
+        from align.eval.retention import RetentionConfig, run_retention
+
+        rows = run_retention(RetentionConfig(tasks=settings.tasks, model=str(train_run),
+                                             reference=_original_model(config),
+                                             quantized=[str(files[f]) for f in settings.quantize],
+                                             output_dir=output_dir / "retention"))
+        files["retention"] = output_dir / "retention" / "retention.json"
+        summary["retention"] = [{k: r.get(k) for k in ("task", "model", "value", "stderr", "ratio")} for r in rows]
+    write_json(output_dir / "exports.json", summary)
+    return StageOutput({**files, "summary": output_dir / "exports.json"}, summary)
+
+
+def _serve_check(folder: Path, config: PipelineConfig) -> dict[str, Any]:
+    """Serve ``folder`` with align's own server on a free local port and ask it the first eval prompt, greedily:
+    the export loads, serves and answers (what it says is in the summary to read)."""
+    import time
+
+    import httpx
+
+    from align.data.io import iter_rows
+    from align.export.quantize import GENERAL_PROMPTS
+    from align.generate.serving import ServeConfig, build_server
+    from align.models.tokens import chat_messages
+
+    prompts = config.eval.get("prompts")
+    prompt = next((row["prompt"] for _, row in iter_rows(prompts)), GENERAL_PROMPTS[0]) if prompts else \
+        GENERAL_PROMPTS[0]
+    server = build_server(ServeConfig(model=str(folder), port=0, engine="align", served_model_name="export")).start()
+    try:
+        started = time.monotonic()
+        response = httpx.post(server.base_url + "/chat/completions", timeout=300, json={
+            "model": "export", "messages": chat_messages(prompt), "max_tokens": 64, "temperature": 0})
+        response.raise_for_status()
+        answer = response.json()["choices"][0]["message"]["content"]
+        return {"prompt": prompt, "answer": answer, "seconds": round(time.monotonic() - started, 2)}
+    finally:
+        server.stop()
