@@ -169,9 +169,9 @@ def test_the_bundled_model_exports_to_the_very_bytes_llama_cpp_wrote(bundled_mod
     from align.models import bundled_gguf
 
     original = gguf.GGUFReader(bundled_gguf(bundled_model.removeprefix("bundled:"))[0])
-    path = write_gguf(load_model(bundled_model, device="cpu"), load_tokenizer(bundled_model), tmp_path / "q.gguf",
-                      GGUF_QUANTS["q4_1"], name="smollm2")
-    ours = gguf.GGUFReader(path)
+    write_gguf(load_model(bundled_model, device="cpu"), load_tokenizer(bundled_model), tmp_path / "q.gguf",
+               GGUF_QUANTS["q4_1"], name="smollm2")
+    ours = gguf.GGUFReader(tmp_path / "q.gguf")
     theirs = {t.name: t for t in original.tensors}
     assert sorted(t.name for t in ours.tensors) == sorted(theirs)
     for tensor in ours.tensors:

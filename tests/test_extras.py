@@ -73,8 +73,9 @@ def test_the_core_and_the_argilla_modules_import_without_the_extras() -> None:
 def test_pyproject_declares_the_extras_and_dev_installs_them() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = [dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip() for dep in project["dependencies"]]
-    assert "argilla" not in names and "wandb" not in names
+    assert "argilla" not in names and "wandb" not in names and "lm-eval" not in names
     optional = project["optional-dependencies"]
     assert [d for d in optional["argilla"] if d.startswith("argilla")] and [d for d in optional["wandb"]
                                                                             if d.startswith("wandb")]
-    assert "align[argilla,wandb]" in optional["dev"]  # `make setup` installs .[dev]: the tests use both
+    assert [d for d in optional["harness"] if d.startswith("lm-eval")]
+    assert "align[argilla,wandb,harness]" in optional["dev"]  # `make setup` installs .[dev]: the tests use all three

@@ -30,7 +30,7 @@ def export(
     out = quantize_run(run, quantize, output, calibration=calibration)
     report = json.loads((out / "export.json").read_text())
     check = report["check"]
-    typer.echo(f"exported {run} as {report['format']} to {out / report['file']}: "
+    typer.echo(f"exported {run} as {report['format']} to {out / (report['file'] or '')}: "
                f"{report['size_bytes'] / 1e6:.1f} MB ({report['size_bytes'] / report['float_size_bytes']:.2f}x the "
                f"float weights' {report['float_size_bytes'] / 1e6:.1f} MB)")
     typer.echo(f"check on {check['prompts']} prompts ({report['calibration']['from']}): KL {check['kl_per_token']} "

@@ -58,7 +58,8 @@ def quantize_run(run: str, format_name: str, output: str | Path, *, calibration:
         check = quantisation_check(model, quantised, tokenizer, prompts)
         write_json(tmp / "export.json", {
             "source": run, "merged_adapter": bool(source.adapter), "format": fmt.name, "bits": fmt.bits,
-            "family": fmt.family, "runs_with": fmt.runs_with, "file": weights.name,
+            "family": fmt.family, "runs_with": fmt.runs_with,
+            "file": weights.name if weights != tmp else None,  # None: the folder is the model (transformers)
             "size_bytes": _size(weights), "float_size_bytes": _float_size(model),
             "calibration": {"from": prompts_from, "prompts": len(prompts),
                             "used_for": "the check only: round-to-nearest needs no calibration"

@@ -213,11 +213,14 @@ def main() -> None:
                 quantize_run(args.student, fmt, folder)
             exports[fmt] = str(folder)
     llama = server_binary()
-    models = [("float (align serve)", args.student, "align", args.student)]
+    # The float student's size is its merged weights' (a LoRA run dir holds only the adapter), as its exports
+    # recorded it.
+    float_bytes = json.loads((Path(next(iter(exports.values()))) / "export.json").read_text())["float_size_bytes"]
+    models = [("float (align serve)", args.student, "align", float_bytes)]
     for fmt, folder in exports.items():
         engine = "llama.cpp" if llama else "align"
         label = f"{fmt} ({'llama-server' if llama else 'align serve, dequantised'})"
-        models.append((label, folder, engine, folder))
+        models.append((label, folder, engine, folder_size(Path(folder) / f"model-{fmt}.gguf")))
 
     results: dict[str, Any] = {"meta": {
         "cpus": os.cpu_count(), "threads": args.threads, "prompts": len(prompts), "max_tokens": args.max_tokens,
@@ -225,7 +228,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M")}, "servers": [], "transformers": None}
     base = transformers_baseline(args.student, prompts, args.max_tokens)
     results["transformers"] = base
-    for label, model, engine, size_of in models:
+    for label, model, engine, size in models:
         server = ServerProcess(model, engine, args.threads)
         try:
             server.wait_ready()
@@ -233,7 +236,7 @@ def main() -> None:
             many = load(server.base_url, prompts, 16, args.max_tokens)
         finally:
             peak = server.stop()
-        results["servers"].append({"model": label, "size_mb": round(folder_size(Path(size_of)) / 1e6, 1),
+        results["servers"].append({"model": label, "size_mb": round(size / 1e6, 1),
                                    "peak_rss_mb": peak and round(peak, 1), "one_client": one, "16_clients": many})
     reference = base["rows"]["one at a time"]["tokens_per_s"]
     print(f"{'model':42} {'size MB':>8} {'peak MB':>8} {'tok/s 1':>8} {'tok/s 16':>9} {'p50 16':>7} {'p95 16':>7} "
