@@ -93,19 +93,17 @@ def evaluate_model(spec: str, tasks: list[str], *, limit: int | None, batch_size
     source = resolve_model(spec)
     model = load_model(source, device=device, merge_adapter=bool(source.adapter))
     harness = HFLM(pretrained=model, tokenizer=load_tokenizer(source), batch_size=batch_size)
-    out = simple_evaluate(model=harness, tasks=[task_config(t) for t in tasks], limit=limit, log_samples=True,
+    configs = [task_config(t) for t in tasks]
+    out = simple_evaluate(model=harness, tasks=configs, limit=limit, log_samples=True,
                           bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
     scores: dict[str, dict[str, Any]] = {}
-    for task, name in zip(tasks, _task_names(tasks), strict=True):
+    names = [c["task"] if isinstance(c, dict) else c for c in configs]
+    for task, name in zip(tasks, names, strict=True):
         metric, value, stderr = headline(out["results"][name])
         samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
         scores[task] = {"task": name, "metric": metric, "value": value, "stderr": stderr,
                         "per_question": [float(s[metric]) for s in samples]}
     return scores
-
-
-def _task_names(tasks: list[str]) -> list[str]:
-    return [c["task"] if isinstance(c, dict) else c for c in (task_config(t) for t in tasks)]
 
 
 def retention_rows(scores: dict[str, dict[str, dict[str, Any]]], roles: dict[str, str]) -> list[dict[str, Any]]:
