@@ -95,23 +95,79 @@ def test_a_gguf_file_or_its_folder_is_a_model_spec(exports: dict[str, Path]) -> 
         resolve_model(str(folder.parent / "two"))
 
 
-def test_a_lora_run_is_merged_and_calibrated_on_its_own_training_prompts(
-        tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A LoRA DPO run of a few steps at a high rate (its adapter moves the weights), and its training data."""
     import align.train
 
-    pairs = tmp_path / "pairs.jsonl"
+    folder = tmp_path_factory.mktemp("lora")
+    pairs = folder / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, because.", "rejected": "No."})
                              + "\n" for i in range(6)))
-    result = align.train.dpo(model=str(tiny_model_dir), data=str(pairs), output_dir=str(tmp_path / "run"),
-                             ref_cache_dir=str(tmp_path / "cache"), max_steps=1, eval_split=0,
+    result = align.train.dpo(model=str(tiny_model_dir), data=str(pairs), output_dir=str(folder / "run"),
+                             ref_cache_dir=str(folder / "cache"), max_steps=3, eval_split=0, learning_rate=1e-2,
                              per_device_train_batch_size=2, max_length=64)
-    code, out, err = run_align(capsys, "export", result.run_dir, "--quantize", "q8_0", "-o", tmp_path / "q8")
+    return Path(result.run_dir), pairs
+
+
+def test_a_lora_run_is_merged_at_8_bits_and_calibrated_on_its_own_training_prompts(
+        lora_run: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run, pairs = lora_run
+    code, out, err = run_align(capsys, "export", run, "--quantize", "q8_0", "-o", tmp_path / "q8")
     assert code == 0, err
     assert "merging its adapter" in err and "as q8_0" in out
     report = json.loads((tmp_path / "q8" / "export.json").read_text())
-    assert report["merged_adapter"] is True
+    assert report["merged_adapter"] is True and report["adapter"] is None
     assert report["calibration"] == {"from": str(pairs), "prompts": 6,
                                      "used_for": "the check only: round-to-nearest needs no calibration"}
+    assert resolve_model(str(tmp_path / "q8")).adapter is None
+
+
+def test_at_4_bits_the_adapter_stays_apart_with_its_change_whole(
+        lora_run: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rounded to 4 bits, a merged adapter's small change mostly vanishes; kept apart, the export computes with
+    the 4-bit base plus exactly the adapter's B·A, both as align loads the folder (PEFT's files) and as llama.cpp
+    would (the GGUF adapter: B·A with the rotary rows put back must be the same change)."""
+    import gguf
+    import torch
+
+    from align.export.gguf import interleaved_rows_to_rotary
+    from align.generate.serving.config import ServeConfig
+    from align.generate.serving.llamacpp import llamacpp_command
+
+    run, _ = lora_run
+    code, out, err = run_align(capsys, "export", run, "--quantize", "q4_0", "-o", tmp_path / "q4")
+    assert code == 0, err
+    assert "keeping its adapter beside the quantised base" in err and "+ LoRA adapter lora/adapter-f16.gguf" in out
+    folder = tmp_path / "q4"
+    report = json.loads((folder / "export.json").read_text())
+    assert report["merged_adapter"] is False and report["adapter"]["gguf"] == "lora/adapter-f16.gguf"
+    assert report["size_bytes"] == ((folder / "model-q4_0.gguf").stat().st_size
+                                    + (folder / "lora" / "adapter-f16.gguf").stat().st_size)
+    source = resolve_model(str(folder))
+    assert (source.kind, source.gguf_file, source.adapter) == ("gguf", "model-q4_0.gguf", str(folder / "lora"))
+
+    float_student = load_model(str(run), device="cpu", merge_adapter=True).state_dict()
+    float_base = load_model(str(run), device="cpu").get_base_model()
+    float_base = {k.replace(".base_layer", ""): v for k, v in float_base.state_dict().items() if "lora_" not in k}
+    exported = load_model(source, device="cpu")  # the 4-bit base, dequantised, with the adapter on it
+    name = "model.layers.0.self_attn.q_proj.weight"
+    exported_base = exported.get_base_model().state_dict()[name.replace(".weight", ".base_layer.weight")].clone()
+    change = float_student[name] - float_base[name]
+    assert change.abs().max() > 1e-4  # the adapter moved the weight
+    torch.testing.assert_close(exported.merge_and_unload().state_dict()[name] - exported_base, change,
+                               atol=1e-5, rtol=1e-3)
+
+    heads = json.loads((tiny_model_dir / "config.json").read_text())["num_attention_heads"]
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32)
+               for t in gguf.GGUFReader(folder / "lora" / "adapter-f16.gguf").tensors}
+    llama_cpp_change = tensors["blk.0.attn_q.weight.lora_b"] @ tensors["blk.0.attn_q.weight.lora_a"]
+    llama_cpp_change = interleaved_rows_to_rotary(llama_cpp_change, heads)
+    np.testing.assert_allclose(llama_cpp_change, change.numpy(), atol=1e-5, rtol=1e-2)
+
+    argv, _ = llamacpp_command(ServeConfig(model=str(folder), port=8999), source, "llama-server")
+    assert argv[argv.index("--lora") + 1] == str(folder / "lora" / "adapter-f16.gguf")
 
 
 def test_bad_requests_fail_before_any_work(tiny_model_dir: Path, tmp_path: Path,

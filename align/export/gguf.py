@@ -114,7 +114,7 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: GGUFQuant, *
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise GGUFExportError(f"GGUF export: no llama.cpp name for the tensor {hf_name!r}")
-        heads = _rotary_heads(hf_name, head_count, kv_head_count)
+        heads = rotary_heads(hf_name, head_count, kv_head_count)
         data = tensor.detach().float().cpu().numpy()
         if heads:
             data = rotary_rows_to_interleaved(data, heads)
@@ -130,7 +130,7 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, quant: GGUFQuant, *
     return dequantised
 
 
-def _rotary_heads(hf_name: str, head_count: int, kv_head_count: int) -> int:
+def rotary_heads(hf_name: str, head_count: int, kv_head_count: int) -> int:
     """The heads whose rows llama.cpp wants reordered: Q's, K's (key-value heads), none elsewhere (0)."""
     return head_count if hf_name.endswith("q_proj.weight") else kv_head_count if hf_name.endswith(
         "k_proj.weight") else 0
@@ -225,4 +225,4 @@ def _add_tokenizer(writer: Any, tokenizer: Any) -> None:
 
 
 __all__ = ["GGUF_QUANTS", "GGUFExportError", "GGUFQuant", "check_convertible", "interleaved_rows_to_rotary",
-           "rotary_rows_to_interleaved", "write_gguf"]
+           "rotary_heads", "rotary_rows_to_interleaved", "write_gguf"]

@@ -3,7 +3,8 @@
 The folder holds the quantised model (a ``.gguf`` file, or a transformers folder for the GPU formats) and
 ``export.json``: the format, sizes before and after, the calibration prompts (the run's own training prompts
 unless ``--calibration`` names a file), and the check :mod:`align.export.check` ran on them (KL per token
-against the float model, next-token agreement, one smoke answer). A LoRA run is merged into its base first.
+against the float model, next-token agreement, one smoke answer). A LoRA run is merged into its base first, except
+at 4 bits in GGUF, where its adapter stays beside the quantised base (``lora/``) so that the alignment survives.
 Nothing is written at ``DIR`` until the export is whole.
 """
 
@@ -32,7 +33,10 @@ GENERAL_PROMPTS = (
 
 
 def quantize_run(run: str, format_name: str, output: str | Path, *, calibration: str | None = None,
-                 calibration_prompts: int = CALIBRATION_PROMPTS) -> Path:
+                 calibration_prompts: int = CALIBRATION_PROMPTS, merge: bool | None = None) -> Path:
+    """``merge``: merge a LoRA run's adapter into the weights before quantising (True), or keep it beside the
+    quantised base at 16 bits (False, GGUF only). None chooses by the numbers: merged at 8 bits, which keep a DPO
+    step; kept at 4 bits, which round most of it away (see :mod:`align.export.gguf_adapter`)."""
     import torch
 
     fmt = export_format(format_name, gpu_visible=torch.cuda.is_available())
@@ -43,30 +47,78 @@ def quantize_run(run: str, format_name: str, output: str | Path, *, calibration:
     if source.kind == "gguf":
         raise AlignError(f"{run} is already a GGUF file; quantise the float model it came from")
     prompts, prompts_from = _calibration(run, calibration, calibration_prompts)
+    keep_adapter = _keeps_adapter(fmt, source, merge)
     if source.adapter:
-        log.warning("%s is a LoRA run: merging its adapter into the base model before quantising", run)
+        log.warning("%s is a LoRA run: %s", run, "keeping its adapter beside the quantised base, at 16 bits "
+                    "(--merge merges it first)" if keep_adapter else "merging its adapter into the base model "
+                    "before quantising")
     started = time.monotonic()
     device = "cuda" if fmt.needs_gpu else "cpu"
-    model = load_model(source, merge_adapter=True, device=device, dtype=torch.float32)
+    model = load_model(source, merge_adapter=not keep_adapter, device=device, dtype=torch.float32)
     tokenizer = load_tokenizer(source)
+    name = Path(run).name or run
     with atomic_path(output) as tmp:
         tmp.unlink()
         tmp.mkdir()
-        weights, quantised = _write(fmt, model, tokenizer, tmp, prompts, name=Path(run).name or run)
+        if keep_adapter:
+            model, quantised, adapter = _write_gguf_keeping_adapter(fmt, model, tokenizer, tmp, name=name)
+            weights = tmp / f"model-{fmt.name}.gguf"
+        else:
+            (weights, quantised), adapter = _write(fmt, model, tokenizer, tmp, prompts, name=name), None
         from align.export.check import quantisation_check
 
         check = quantisation_check(model, quantised, tokenizer, prompts)
         write_json(tmp / "export.json", {
-            "source": run, "merged_adapter": bool(source.adapter), "format": fmt.name, "bits": fmt.bits,
-            "family": fmt.family, "runs_with": fmt.runs_with,
+            "source": run, "merged_adapter": bool(source.adapter) and not keep_adapter, "adapter": adapter,
+            "format": fmt.name, "bits": fmt.bits, "family": fmt.family, "runs_with": fmt.runs_with,
             "file": weights.name if weights != tmp else None,  # None: the folder is the model (transformers)
-            "size_bytes": _size(weights), "float_size_bytes": _float_size(model),
+            # what the runtime loads: the quantised model, and the adapter when it is kept apart
+            "size_bytes": _size(weights) + (adapter["size_bytes"] if adapter else 0),
+            "float_size_bytes": _float_size(model),
             "calibration": {"from": prompts_from, "prompts": len(prompts),
                             "used_for": "the check only: round-to-nearest needs no calibration"
                             if fmt.family == "gguf" or fmt.name == "fp8" else "calibration and the check"},
             "check": check, "seconds": round(time.monotonic() - started, 1),
         })
     return output
+
+
+def _keeps_adapter(fmt: ExportFormat, source: Any, merge: bool | None) -> bool:
+    if merge is None:
+        return bool(source.adapter) and fmt.family == "gguf" and fmt.bits < 8
+    if not merge and not (source.adapter and fmt.family == "gguf"):
+        raise AlignError(f"--keep-adapter: {source.spec} is not a LoRA run" if not source.adapter else
+                         f"--keep-adapter: the adapter can be kept apart in GGUF formats only, not {fmt.name}")
+    return not merge
+
+
+def _write_gguf_keeping_adapter(fmt: ExportFormat, peft_model: Any, tokenizer: Any, folder: Path, *, name: str
+                                ) -> tuple[Any, Any, dict[str, Any]]:
+    """The base quantised, the adapter beside it: ``lora/`` holds it as PEFT saves it (what align and
+    transformers load) and as a GGUF adapter (what llama.cpp loads). Returns the float model with the adapter
+    merged, the quantised one as align loads the folder (dequantised base + adapter), and what the adapter is."""
+    import copy
+
+    from peft import PeftModel
+
+    from align.export.gguf import GGUF_QUANTS, write_gguf
+    from align.export.gguf_adapter import ADAPTER_DTYPE, lora_weights, write_gguf_adapter
+    from align.models import GGUF_ADAPTER_FOLDER
+
+    adapter_dir = folder / GGUF_ADAPTER_FOLDER
+    peft_model.save_pretrained(adapter_dir)
+    adapter_file = adapter_dir / f"adapter-{ADAPTER_DTYPE.lower()}.gguf"
+    write_gguf_adapter(lora_weights(peft_model), peft_model.get_base_model().config, adapter_file, name=name)
+    float_model = copy.deepcopy(peft_model).merge_and_unload()
+    base = peft_model.unload()
+    dequantised = write_gguf(base, tokenizer, folder / f"model-{fmt.name}.gguf", GGUF_QUANTS[fmt.name], name=name)
+    tokenizer.save_pretrained(folder)
+    base.load_state_dict(dequantised, strict=False)
+    quantised = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    adapter = {"folder": GGUF_ADAPTER_FOLDER, "gguf": f"{GGUF_ADAPTER_FOLDER}/{adapter_file.name}",
+               "dtype": ADAPTER_DTYPE, "size_bytes": adapter_file.stat().st_size,
+               "why": f"a {fmt.bits}-bit step is larger than a DPO step: merged, most of the change rounds away"}
+    return float_model, quantised, adapter
 
 
 def _write(fmt: ExportFormat, model: Any, tokenizer: Any, folder: Path, prompts: list[Any], *, name: str

@@ -27,6 +27,8 @@ from align.errors import AlignError
 log = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
+# In a GGUF export folder: the LoRA adapter kept beside the quantised base (PEFT's files and a GGUF adapter).
+GGUF_ADAPTER_FOLDER = "lora"
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class ModelSource:
     kind: str  # "bundled" | "local" | "adapter" | "hub" | "gguf"
     adapter: str | None = None
     base_adapters: tuple[str, ...] = ()
-    # kind "gguf": the file in the folder ``path`` (an ``align export --quantize q4_0`` folder, or any .gguf)
+    # kind "gguf": the file in the folder ``path`` (an ``align export --quantize q4_0`` folder, or any .gguf);
+    # ``adapter`` is then the export's ``lora/`` folder when it kept the adapter apart
     gguf_file: str | None = None
 
     @property
@@ -136,7 +139,9 @@ def _resolve_folder(spec: str, folder: Path, seen: tuple[str, ...]) -> ModelSour
             return ModelSource(spec, str(candidate), "local")
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if len(ggufs) == 1:  # a quantised export, or a folder holding one GGUF file
-        return ModelSource(spec, str(folder), "gguf", gguf_file=ggufs[0])
+        adapter = folder / GGUF_ADAPTER_FOLDER  # a 4-bit export keeps a LoRA run's adapter apart
+        return ModelSource(spec, str(folder), "gguf", gguf_file=ggufs[0],
+                           adapter=str(adapter) if (adapter / "adapter_config.json").is_file() else None)
     if ggufs:
         raise ModelError(f"{folder} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}): name the one to use")
     raise ModelError(f"{folder} holds no model: expected config.json (a model), adapter_config.json "

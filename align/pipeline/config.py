@@ -78,6 +78,8 @@ class ExportSettings(StrictConfig):
     quantize: list[str] = Field(default_factory=list, description="formats, e.g. [q8_0, q4_1]; none: no export")
     calibration: str | None = Field(None, description="prompts to calibrate and check on (default: the training "
                                     "data)")
+    merge: bool | None = Field(None, description="merge a LoRA student's adapter before quantising (true) or keep "
+                               "it beside the GGUF base (false); unset: kept at 4 bits, merged at 8 (align export)")
     serve_check: bool = Field(True, description="serve each export with align's server and ask it one question")
     tasks: list[str] = Field(default_factory=list, description="benchmarks for align eval --tasks (e.g. "
                              "[everyday_mc]): the alignment tax and each export's quantisation loss")

@@ -129,7 +129,7 @@ def _export_stage(config: PipelineConfig, manifest: Manifest, output_dir: Path) 
     for fmt in settings.quantize:
         folder = output_dir / fmt
         if not (folder / "export.json").exists():
-            quantize_run(str(train_run), fmt, folder, calibration=settings.calibration)
+            quantize_run(str(train_run), fmt, folder, calibration=settings.calibration, merge=settings.merge)
         report = json.loads((folder / "export.json").read_text())
         files[fmt] = folder
         summary[fmt] = {"size_bytes": report["size_bytes"], "kl_per_token": report["check"]["kl_per_token"],
