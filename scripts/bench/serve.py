@@ -61,9 +61,9 @@ class ServerProcess:
     """`align serve MODEL` in a child process, on a free port, until stopped."""
 
     def __init__(self, model: str, engine: str, threads: int) -> None:
-        from align.generate.serving.vllm import free_port
+        from align.generate.serving import ServeConfig
 
-        self.port = free_port("127.0.0.1")
+        self.port = ServeConfig(port=0).external_port()
         argv = [sys.executable, "-m", "align", "serve", model, "--port", str(self.port), "--engine", engine,
                 "--max-batch", "16", "--served-model-name", "m", "--num-threads", str(threads)]
         if engine == "llama.cpp":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Literal
 
 from pydantic import Field
@@ -43,3 +44,12 @@ class ServeConfig(StrictConfig):
     @property
     def name(self) -> str:
         return self.served_model_name or self.model
+
+    def external_port(self) -> int:
+        """The port to give a server align hands over to (vLLM, llama-server): ``port``, or for 0 a free one
+        picked here, since neither prints the port it got for 0."""
+        if self.port:
+            return self.port
+        with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+            probe.bind((self.host, 0))
+            return probe.getsockname()[1]

@@ -4,7 +4,8 @@ line and hands the process over (``exec``), as it does for vLLM.
 
 Used for a GGUF model (``align export --quantize q4_1``) when ``llama-server`` is on the PATH (or named by
 ``$LLAMA_SERVER``) and ``engine`` is ``auto`` or ``llama.cpp``. Without it, align's own server serves the GGUF
-file's weights dequantised by transformers: the same answers, at float speed and memory.
+file's weights dequantised by transformers: the same answers, at float speed and memory. A 4-bit export of a
+LoRA run keeps its adapter apart (``lora/``): llama-server applies its GGUF form to the base with ``--lora``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+from pathlib import Path
 from typing import NoReturn
 
 from align.errors import AlignError
@@ -36,15 +38,24 @@ def unavailable_reason(source: ModelSource) -> str | None:
     return None
 
 
+def gguf_adapter(source: ModelSource) -> Path:
+    """The GGUF form of the LoRA adapter a 4-bit export keeps beside its base."""
+    found = sorted(Path(source.adapter or "").glob("*.gguf"))
+    if len(found) != 1:
+        raise AlignError(f"{source.adapter}: expected one GGUF adapter file for llama.cpp, found "
+                         f"{len(found) or 'none'}; export the run again with align export --quantize")
+    return found[0]
+
+
 def llamacpp_command(config: ServeConfig, source: ModelSource, binary: str) -> tuple[list[str], dict[str, str]]:
     """The argv that starts ``llama-server`` for ``source``, and the environment variables to add to ours."""
-    from align.generate.serving.vllm import free_port
-
     slots = config.max_batch
     argv = [binary, "--model", str(source.gguf_path), "--host", config.host,
-            "--port", str(config.port or free_port(config.host)), "--alias", config.name,
+            "--port", str(config.external_port()), "--alias", config.name,
             "--parallel", str(slots), "--ctx-size", str(KV_TOKENS), "--kv-unified",
             "--n-predict", str(config.max_tokens), "--no-webui"]
+    if source.adapter:
+        argv += ["--lora", str(gguf_adapter(source))]
     if config.num_threads:
         argv += ["--threads", str(config.num_threads)]
     env: dict[str, str] = {}

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shlex
-import socket
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -51,7 +50,7 @@ def unsupported_reason(source: ModelSource) -> str | None:
 def vllm_command(config: ServeConfig, source: ModelSource, python: str = sys.executable
                  ) -> tuple[list[str], dict[str, str]]:
     """The argv that starts vLLM's server for ``source``, and the environment variables to add to ours."""
-    port = config.port or free_port(config.host)
+    port = config.external_port()
     argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", source.path,
             "--host", config.host, "--port", str(port)]
     if source.adapter:
@@ -77,9 +76,3 @@ def exec_vllm(config: ServeConfig, source: ModelSource) -> NoReturn:
     print(f"align server: handing over to vLLM: {shlex.join(argv)}", flush=True)
     os.execve(argv[0], argv, {**os.environ, **env})
 
-
-def free_port(host: str) -> int:
-    """vLLM does not print the port it got for --port 0: pick a free one here."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
