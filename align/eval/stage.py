@@ -146,15 +146,17 @@ def run_eval(config: EvalConfig) -> EvalResult:
         path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
         log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
                  role, spec, k, path)
-        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below).
-        where = _served(config) if role == "model" and is_server_url(spec) else {"model": spec}
+        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below); it is asked for
+        # the top one too, since llama-server computes log-probs only when top_logprobs is above 0.
+        served = role == "model" and is_server_url(spec)
+        where = _served(config) if served else {"model": spec}
         # Evals of several students may share the reference's answers at once: one writes, the others wait.
         with file_lock(path.with_name(path.name + ".lock")) if shared else contextlib.nullcontext():
             _check_earlier_answers(path, k, config.greedy)
             # Resumable like every stage: a rerun keeps what is already written.
             generate(**where, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
                      temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
-                     seed=config.seed, logprobs=0, batch_size=config.batch_size)
+                     seed=config.seed, logprobs=1 if served else 0, batch_size=config.batch_size)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
         answers[role] = str(path)
     prompt_ids = sorted(set(sampled["model"]) & set(sampled["reference"]))

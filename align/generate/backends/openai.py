@@ -123,9 +123,11 @@ def _reasoning(message: dict[str, Any]) -> str | None:
 
 
 def _token_id(entry: dict[str, Any]) -> int | None:
-    """Our server sends ``token_id``; vLLM with ``return_tokens_as_token_ids`` sends ``token: "token_id:123"``."""
-    if isinstance(entry.get("token_id"), int):
-        return entry["token_id"]
+    """Our server sends ``token_id``, llama.cpp's ``id``; vLLM with ``return_tokens_as_token_ids`` sends
+    ``token: "token_id:123"``."""
+    for key in ("token_id", "id"):
+        if isinstance(entry.get(key), int):
+            return entry[key]
     token = entry.get("token")
     if isinstance(token, str) and token.startswith("token_id:") and token[9:].isdigit():
         return int(token[9:])
