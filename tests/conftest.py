@@ -41,3 +41,16 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The reliability catalogue's count (README, Reliability): every case asserts that no row was lost,
+    doubled or torn, so a case that passed lost no data."""
+    outcomes = {outcome: sum(1 for report in terminalreporter.stats.get(outcome, [])
+                             if "reliability" in report.keywords and (report.when == "call" or outcome == "skipped"))
+                for outcome in ("passed", "failed", "skipped")}
+    if any(outcomes.values()):
+        lost = "none" if not outcomes["failed"] else f"unknown in {outcomes['failed']} failed case(s): see above"
+        terminalreporter.write_line(f"reliability catalogue: {sum(outcomes.values())} cases run, "
+                                    f"{outcomes['passed']} passed, {outcomes['failed']} failed, "
+                                    f"{outcomes['skipped']} skipped; data lost: {lost}")

@@ -9,6 +9,8 @@ LLaMA-Factory's ``dpo_en_demo.json``.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -249,11 +251,11 @@ class CuttingProxy:
     """A TCP relay to the server that breaks every bulk record upload after the first ``allow`` ones.
 
     A real network failure half-way through a push: the connection is closed
-    under the SDK while it sends a batch.
+    under the SDK while it sends a batch. ``on_cut`` runs first, once (e.g. to kill the server itself).
     """
 
-    def __init__(self, target_port: int, allow: int):
-        self.target_port, self.allow, self.uploads = target_port, allow, 0
+    def __init__(self, target_port: int, allow: int, on_cut: Any = None):
+        self.target_port, self.allow, self.uploads, self.on_cut = target_port, allow, 0, on_cut
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.lock = threading.Lock()
@@ -265,7 +267,11 @@ class CuttingProxy:
                 downstream, _ = self.server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server is gone: the client sees its connection refused
+                downstream.close()
+                continue
             threading.Thread(target=self._pipe, args=(downstream, upstream, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, downstream, False), daemon=True).start()
 
@@ -276,6 +282,9 @@ class CuttingProxy:
                     with self.lock:
                         self.uploads += 1
                         cut = self.uploads > self.allow
+                        if cut and self.on_cut:
+                            self.on_cut()
+                            self.on_cut = None
                     if cut:
                         break
                 sink.sendall(data)
@@ -292,6 +301,7 @@ class CuttingProxy:
         self.server.close()
 
 
+@pytest.mark.reliability
 def test_push_cut_by_the_network_is_finished_by_a_rerun(tmp_path: Path, shared_data: Path, client: Any,
                                                         settings: ArgillaSettings) -> None:
     candidates, judgements = write_pairs(tmp_path, shared_data)
@@ -308,6 +318,35 @@ def test_push_cut_by_the_network_is_finished_by_a_rerun(tmp_path: Path, shared_d
     result = push(candidates, "cut", settings, judgements_path=judgements, batch_size=5)
     assert (result.new, result.total_on_server) == (10, 20)
     assert sorted(server_records(client, "cut")) == sorted(record_ids(candidates))
+
+
+@pytest.mark.reliability
+def test_a_server_killed_mid_push_comes_back_with_up_and_a_rerun_finishes_without_duplicates(
+        tmp_path: Path, shared_data: Path, argilla_home: Path, settings: ArgillaSettings) -> None:
+    """The Argilla server process itself SIGKILLed while a push sends its third batch: the push stops with a
+    clear error, `align argilla up` brings the stack back with what it had stored, and the same push again
+    finishes it without duplicates."""
+    candidates, judgements = write_pairs(tmp_path, shared_data)
+    server = local.read_state(argilla_home).processes["server"]  # type: ignore[union-attr]
+    proxy = CuttingProxy(int(settings.api_url.rsplit(":", 1)[1]), allow=2,
+                         on_cut=lambda: os.kill(server.pid, signal.SIGKILL))
+    doomed = settings.model_copy(update={"api_url": f"http://127.0.0.1:{proxy.port}"})
+    try:
+        with pytest.raises(ArgillaUnavailable) as caught:
+            push(candidates, "server-killed", doomed, judgements_path=judgements, batch_size=5)
+        deadline = time.monotonic() + 10  # a killed process takes a moment to be gone
+        while local.is_alive(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not local.is_alive(server)
+    finally:
+        proxy.close()
+        assert local.up(argilla_home).running  # the later tests need the stack, whatever happened here
+    assert "failed part-way" in str(caught.value) and "run the same command again" in str(caught.value)
+    back = resolve_settings(home=argilla_home)
+    assert len(server_records(connect(back), "server-killed")) == 10  # the two batches it stored are kept
+    result = push(candidates, "server-killed", back, judgements_path=judgements, batch_size=5)
+    assert (result.new, result.total_on_server) == (10, 20)
+    assert sorted(server_records(connect(back), "server-killed")) == sorted(record_ids(candidates))
 
 
 def test_rules_judgements_and_only_uncertain(tmp_path: Path, shared_data: Path, argilla_home: Path, client: Any,

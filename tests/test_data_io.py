@@ -69,6 +69,7 @@ def test_appender_cuts_a_torn_tail_before_appending(tmp_path: Path) -> None:
     assert [row["i"] for _, row in iter_rows(path)] == [0, 1, 2]
 
 
+@pytest.mark.reliability
 def test_appender_survives_sigkill_mid_stream(tmp_path: Path) -> None:
     """A real process appending as fast as it can, killed with SIGKILL: every line is whole."""
     path = tmp_path / "out.jsonl"
@@ -137,6 +138,7 @@ def run_with_full_disk(kind: str, path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", FULL_DISK, kind, str(path)], capture_output=True, text=True)
 
 
+@pytest.mark.reliability
 def test_a_full_disk_leaves_the_earlier_file_whole_and_no_temporary_file(tmp_path: Path) -> None:
     path = tmp_path / "pairs.jsonl"
     write_records(path, [{"n": "earlier"}])
@@ -147,6 +149,7 @@ def test_a_full_disk_leaves_the_earlier_file_whole_and_no_temporary_file(tmp_pat
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl"]
 
 
+@pytest.mark.reliability
 def test_a_full_disk_mid_append_keeps_every_whole_line_and_the_next_run_mends_the_tail(tmp_path: Path) -> None:
     path = tmp_path / "candidates.jsonl"
     done = run_with_full_disk("append", path)

@@ -33,6 +33,7 @@ def hold(kind: str, path: Path) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.reliability
 def test_a_second_appender_to_the_same_file_is_refused_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "candidates.jsonl"
     first = hold("append", out)
@@ -48,6 +49,7 @@ def test_a_second_appender_to_the_same_file_is_refused_and_writes_nothing(tmp_pa
     assert len(out.read_text().splitlines()) == 2
 
 
+@pytest.mark.reliability
 def test_a_run_dir_in_use_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
     lock = tmp_path / "run" / ".lock"
     first = hold("lock", lock)
@@ -61,6 +63,7 @@ def test_a_run_dir_in_use_is_refused_with_the_holders_pid(tmp_path: Path) -> Non
         assert lock.read_text() == str(os.getpid())
 
 
+@pytest.mark.reliability
 def test_align_train_refuses_a_run_dir_another_process_trains_in(tmp_path: Path, tiny_model_dir: Path) -> None:
     import align.train
     from align.data.io import write_records

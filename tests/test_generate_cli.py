@@ -75,6 +75,7 @@ def test_cli_errors_exit_non_zero_and_name_the_place(tiny_model_dir: Path, tmp_p
     assert typo.returncode != 0 and "did you mean 'temperature'" in typo.stderr
 
 
+@pytest.mark.reliability
 def test_sigkill_half_way_then_rerun_equals_an_uninterrupted_run(tiny_model_dir: Path, tmp_path: Path) -> None:
     prompts = write_prompts(tmp_path / "p.jsonl", 20)
     # batch_size=4 with 4 candidates: one prompt per batch, so a line is appended every few hundred ms.

@@ -196,6 +196,7 @@ def test_bad_rules_files_name_the_rule_and_line(tmp_path: Path, body: str, messa
 # ----------------------------------------------------------------------------- the stage and the CLI
 
 
+@pytest.mark.reliability
 def test_label_rules_cli_writes_valid_judgements_and_resumes(tmp_path: Path) -> None:
     candidates = write_candidates(tmp_path / "candidates.jsonl", {
         "p1": ("What is the capital of France?", ["Paris is the capital of France.", "Sure! **Paris**.", ""]),

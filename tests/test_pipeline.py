@@ -55,6 +55,7 @@ def kill_when_written(cmd: list[str], env: dict[str, str], marker: Path) -> None
     proc.wait()
 
 
+@pytest.mark.reliability
 def test_pipeline_killed_in_training_resumes_without_redoing_earlier_stages(tiny_model_dir: Path,
                                                                             tmp_path: Path) -> None:
     config = _config(tmp_path, tiny_model_dir)

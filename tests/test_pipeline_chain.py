@@ -126,6 +126,7 @@ def test_an_sft_then_dpo_chain_starts_the_dpo_link_from_the_sft_weights_and_refe
     assert stages["train/2-dpo"]["inputs"]["start"] == sha256_of(train / "1-sft" / "adapter")
 
 
+@pytest.mark.reliability
 def test_a_chain_killed_in_its_second_link_carries_on_without_retraining_the_first(tiny_model_dir: Path,
                                                                                    tmp_path: Path) -> None:
     config = _chain_config(tmp_path, tiny_model_dir, _SFT, {**_DPO, "max_steps": 10})

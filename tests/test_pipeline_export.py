@@ -24,6 +24,7 @@ def _with_export(path: Path, **export: object) -> Path:
     return path
 
 
+@pytest.mark.reliability
 def test_export_quantises_and_serves_the_student_then_resumes_from_what_is_whole(
         tiny_model_dir: Path, tmp_path: Path) -> None:
     path = _with_export(_config(tmp_path, tiny_model_dir), quantize=["q8_0", "q4_1"])

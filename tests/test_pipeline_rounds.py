@@ -166,6 +166,7 @@ def test_stop_when_no_gain_stops_after_the_round_whose_interval_contains_one_hal
     assert "Stopped after round 2 of 3: no gain" in (run / "rounds_summary.md").read_text()
 
 
+@pytest.mark.reliability
 def test_a_run_killed_in_round_2s_training_carries_on_to_the_uninterrupted_result(
         two_rounds: SimpleNamespace, tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch

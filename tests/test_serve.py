@@ -247,6 +247,7 @@ def _hang_up(base_url: str, body: dict[str, Any]) -> None:
             seen += data
 
 
+@pytest.mark.reliability
 def test_concurrent_requests_are_batched_and_all_answered_while_some_clients_hang_up(served: Server) -> None:
     """16 requests at once: plain, streamed, n=2, and 4 whose clients hang up (2 mid-stream, 2 waiting for a
     whole answer). Every request that stayed is answered exactly as it is when sent alone; the abandoned
@@ -309,6 +310,7 @@ def _read_stream_in_background(base_url: str, body: dict[str, Any], out: list[An
     return thread
 
 
+@pytest.mark.reliability
 def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tiny_model_dir: Path) -> None:
     server = start_server_process(str(tiny_model_dir), env={"OMP_NUM_THREADS": "1"},
                                   args=["--shutdown-timeout", "60"])
@@ -330,6 +332,7 @@ def test_sigterm_lets_the_request_in_flight_finish_then_exits_0(tiny_model_dir: 
     assert "stopped" in server.log_path.read_text()
 
 
+@pytest.mark.reliability
 def test_sigterm_cuts_what_does_not_finish_in_time_with_503_and_still_exits_0(tiny_model_dir: Path) -> None:
     server = start_server_process(str(tiny_model_dir), env={"OMP_NUM_THREADS": "1"},
                                   args=["--shutdown-timeout", "0"])

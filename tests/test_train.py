@@ -223,6 +223,7 @@ def _env(cache: Path) -> dict:
             "TQDM_DISABLE": "1"}
 
 
+@pytest.mark.reliability
 def test_killed_run_resumes_to_the_same_result(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path,
                                                isolated_cache: Path) -> None:
     common = ["--model", tiny_model_dir, "--data", pairs_file, f"ref_cache_dir={isolated_cache}", "max_steps=8",
@@ -414,6 +415,7 @@ def test_pack_pairs_layout() -> None:
     assert pack_pairs(ids[[0, 1, 3, 2]], mask[[0, 1, 3, 2]], labels[[0, 1, 3, 2]], torch.float32) is None
 
 
+@pytest.mark.reliability
 def test_resume_skips_a_checkpoint_killed_while_saving(tmp_path: Path) -> None:
     from align.train.checkpoints import last_complete_checkpoint
 

@@ -111,6 +111,7 @@ def test_sft_reads_conversations_and_text_rows_and_any_sft_config_key(
     assert result.steps == 1
 
 
+@pytest.mark.reliability
 def test_sft_resumes_from_its_last_checkpoint(tiny_model_dir: Path, sft_file: Path, tmp_path: Path) -> None:
     first = align.train.sft(**_settings(tiny_model_dir, sft_file, tmp_path / "r", max_steps=2, eval_split=0))
     assert (Path(first.run_dir) / "checkpoints" / "checkpoint-2").exists()
