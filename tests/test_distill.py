@@ -214,9 +214,12 @@ def test_refusals_come_before_any_model_is_loaded(tiny_model_dir: Path, teacher_
     out = tmp_path / "never"
     code, _, err = run_align(capsys, "train", "distill", "--data", prompts_file, "-o", out, "max_step=3")
     assert code != 0 and "unknown key 'max_step' for distillation (did you mean 'max_steps'?)" in err
-    code, _, err = run_align(capsys, "train", "distill", "--data", prompts_file, "-o", out,
+    code, _, err = run_align(capsys, "train", "distill", "--data", prompts_file, "-o", out, "--teacher", "y",
                              "teacher_model_name_or_path=x")
-    assert code != 0 and "'teacher_model_name_or_path' is set by align: use 'teacher'" in err
+    assert code != 0 and "'teacher_model_name_or_path' ('x', TRL's name) and 'teacher' ('y') are both set" in err
+    code, _, err = run_align(capsys, "train", "distill", "--data", prompts_file, "-o", out,
+                             "teacher_model_init_kwargs={}")
+    assert code != 0 and "'teacher_model_init_kwargs' is set by align: use 'teacher'" in err
     code, _, err = run_align(capsys, "train", "distill", "--model", tiny_model_dir, "--data", prompts_file, "-o", out)
     assert code != 0 and "holds prompts without stored teacher log-probs, and no 'teacher' is given" in err
     code, _, err = run_align(capsys, "train", "distill", "--model", tiny_model_dir, "--teacher", teacher_dir,
@@ -284,6 +287,7 @@ def test_the_shipped_config_validates(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(load_distill_data(config.data).examples) == 120
 
 
+@pytest.mark.reliability
 def test_a_stopped_run_resumes_from_its_checkpoint(tiny_model_dir: Path, candidates_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "resumable"
     first = align.train.distill.distill(**_settings(tiny_model_dir, out, data=str(candidates_file), save_steps=1))

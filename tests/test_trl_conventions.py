@@ -26,6 +26,15 @@ def test_trl_command_line_forms_read_as_overrides() -> None:
         override_texts(["---beta", "1"])
 
 
+def test_gkd_names_become_a_distillation_config() -> None:
+    from align.train.distill.config import DistillConfig
+
+    config = DistillConfig(**{"model_name_or_path": "student", "teacher_model_name_or_path": "teacher",
+                              "dataset_name": "prompts.jsonl", "lora_r": 8, "output_dir": "o", "lmbda": 0.5})
+    assert (config.model, config.teacher, config.data, config.lora.r) == ("student", "teacher", "prompts.jsonl", 8)
+    assert config.trl_overrides == {"lmbda": 0.5}
+
+
 def test_trl_script_names_become_aligns() -> None:
     config = load_train_config("dpo", {
         "model_name_or_path": "bundled:smollm2-135m-instruct", "dataset_name": "owner/prefs",

@@ -30,7 +30,7 @@ _INSTEAD = {
 }
 
 
-def from_trl_names(data: dict[str, Any]) -> dict[str, Any]:
+def from_trl_names(data: dict[str, Any], *, distillation: bool = False) -> dict[str, Any]:
     """A training config given with TRL's script names, as align's: ``model_name_or_path`` -> ``model``,
     ``dataset_name`` -> ``data``, ``dataset_train_split`` -> ``split``, ``dataset_test_split`` -> ``eval_data_split``
     (of ``eval_data``, the training dataset unless set), ``ref_model`` -> ``reference``,
@@ -39,9 +39,12 @@ def from_trl_names(data: dict[str, Any]) -> dict[str, Any]:
     has no counterpart.
 
     One difference stays: without ``use_peft``, align trains LoRA (its default), where TRL's CLI would train every
-    weight; ``use_peft: false`` asks for a full fine-tune.
+    weight; ``use_peft: false`` asks for a full fine-tune. With ``distillation``, GKD's
+    ``teacher_model_name_or_path`` is align's ``teacher``.
     """
     data = dict(data)
+    if distillation and "teacher_model_name_or_path" in data:
+        _take(data, "teacher_model_name_or_path", "teacher", data.pop("teacher_model_name_or_path"))
     for name, advice in _INSTEAD.items():
         if data.get(name) not in (None, False):
             raise ValueError(f"'{name}' (a TRL name) is not read by align: {advice}")

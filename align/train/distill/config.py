@@ -27,7 +27,7 @@ from align.train.distill.losses import SparseTail
 from align.versions import check_tested_versions
 
 # GKDConfig fields that align sets from its own keys (a second way to say them would only confuse).
-_OWNED_BY_ALIGN = {"teacher_model_name_or_path": "teacher", "teacher_model_init_kwargs": "teacher",
+_OWNED_BY_ALIGN = {"teacher_model_init_kwargs": "teacher",
                    "output_dir": "output_dir", "dataset_kwargs": None, "remove_unused_columns": None}
 
 
@@ -50,6 +50,14 @@ class DistillConfig(LoraSwitch):
     sparse: bool | None = Field(None, description="use the stored top-k log-probs; default: when no teacher is given")
     sparse_tail: SparseTail = Field("bucket", description="the mass outside the teacher's top-k: bucket | renormalize")
     trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trl_script_names(cls, data: Any) -> Any:
+        """TRL's names (``model_name_or_path``, ``teacher_model_name_or_path``, ``use_peft``...) as align's."""
+        from align.train.trl_names import from_trl_names
+
+        return from_trl_names(data, distillation=True) if isinstance(data, dict) else data
 
     @field_validator("teacher_system_prompt")
     @classmethod
