@@ -108,6 +108,7 @@ def test_a_root_url_and_its_v1_reach_the_same_endpoint() -> None:
     assert [s.path for s in seen] == ["/v1/chat/completions"] * 2
 
 
+@pytest.mark.reliability
 def test_rate_limits_and_server_errors_are_tried_again_with_backoff() -> None:
     script: Script = [error(429, "slow down", **{"Retry-After": "0"}), error(503, "overloaded"), completion("ok")]
     with scripted_server(script) as (root, seen):
@@ -123,6 +124,7 @@ def test_a_refused_request_is_not_sent_again_and_the_error_says_what_the_server_
     assert refused.value.status == 400 and len(seen) == 1
 
 
+@pytest.mark.reliability
 def test_it_gives_up_after_its_attempts() -> None:
     with scripted_server([error(429, "rate limited", **{"Retry-After": "0"})]) as (root, seen):
         with pytest.raises(EndpointError, match="429 for a request after 3 tries: rate limited"):
@@ -153,6 +155,7 @@ def test_a_missing_key_is_not_sent_and_a_refusal_names_the_variable_to_set(monke
 # ----------------------------------------------------------------------------- both callers, same rules
 
 
+@pytest.mark.reliability
 def test_the_judge_needs_no_key_for_a_local_server_and_waits_out_a_rate_limit(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from align.label.judge import HttpBackend, Judge, JudgeSettings
@@ -168,6 +171,7 @@ def test_the_judge_needs_no_key_for_a_local_server_and_waits_out_a_rate_limit(
     assert all(s.authorization is None for s in seen)
 
 
+@pytest.mark.reliability
 def test_the_http_teacher_waits_out_a_rate_limit_on_a_base_url_without_v1(tmp_path: Path) -> None:
     from align.generate import GenerateConfig, generate
 
@@ -183,3 +187,26 @@ def test_the_http_teacher_waits_out_a_rate_limit_on_a_base_url_without_v1(tmp_pa
     assert [c["text"] for c in rows[0]["responses"]] == ["hi there"] * 2
     # Greedy first candidate and a sampled one: two requests, one of them sent twice.
     assert len(seen) == 3 and {s.path for s in seen} == {"/v1/chat/completions"}
+
+
+def test_llama_servers_log_probs_give_token_ids_and_the_answers_log_probability(tmp_path: Path) -> None:
+    """A reply recorded from llama.cpp's llama-server (an align export served with its LoRA adapter): token ids
+    come as ``id`` and log-probs only when top_logprobs is above 0. align eval scores a served student's KL on
+    these ids and log-probs, so both must come through."""
+    from align.data.validate import read_records
+    from align.eval.stage import _served_logprob
+    from align.generate import GenerateConfig, generate
+
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "llamacpp_chat_logprobs.json").read_text())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"id": "q", "prompt": "Why does ice float on water?"}\n')
+    with scripted_server([(200, {}, recorded)]) as (root, seen):
+        generate(GenerateConfig(model="student", backend="openai", base_url=root, prompts=prompts,
+                                output=tmp_path / "c.jsonl", num_candidates=1, logprobs=1, progress=False))
+    assert seen[0].body["logprobs"] is True and seen[0].body["top_logprobs"] == 1
+    (row,) = read_records(tmp_path / "c.jsonl", "candidates")
+    (response,) = row.responses
+    expected = recorded["choices"][0]["logprobs"]["content"]
+    assert [e["token_id"] for e in response.logprobs] == [e["id"] for e in expected] == [504, 2166, 327, 3908]
+    logprob, tokens = _served_logprob(response)
+    assert tokens == 4 and logprob == pytest.approx(sum(e["logprob"] for e in expected))
