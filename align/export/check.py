@@ -15,9 +15,10 @@ def quantisation_check(float_model: Any, quantised_model: Any, tokenizer: Any, p
                        ) -> dict[str, Any]:
     from align.train.distill.heldout import compare_with_teacher, teacher_answers
 
-    answers = teacher_answers(float_model, tokenizer, prompts, system_prompt=None, max_new_tokens=ANSWER_TOKENS)
+    answers = teacher_answers(float_model, tokenizer, prompts, system_prompt=None, max_new_tokens=ANSWER_TOKENS,
+                              name="the float model")
     metrics, per_prompt = compare_with_teacher(quantised_model, float_model, tokenizer, answers,
-                                               max_new_tokens=ANSWER_TOKENS)
+                                               max_new_tokens=ANSWER_TOKENS, name="the quantised model")
     kl, agreement = metrics["kl_per_token"], metrics["token_agreement"]
     return {
         "prompts": metrics["prompts"], "tokens": metrics["tokens"],

@@ -57,12 +57,12 @@ def greedy_answers(model: Any, prompt_ids: Sequence[Sequence[int]], tokenizer: A
 
 
 def teacher_answers(teacher: Any, tokenizer: Any, prompts: Sequence[Any], *, system_prompt: str | None,
-                    max_new_tokens: int, batch_size: int = 16) -> TeacherAnswers:
+                    max_new_tokens: int, batch_size: int = 16, name: str = "the teacher") -> TeacherAnswers:
     from align.train.distill.tokens import chat_prompt_ids
 
     student_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
     teacher_ids = [chat_prompt_ids(tokenizer, p, system_prompt) for p in prompts]
-    log.info("the teacher answers %d held-out prompts (greedy, up to %d tokens)", len(prompts), max_new_tokens)
+    log.info("%s answers %d held-out prompts (greedy, up to %d tokens)", name, len(prompts), max_new_tokens)
     completions = greedy_answers(teacher, teacher_ids, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return TeacherAnswers(student_ids, teacher_ids, completions)
 
@@ -108,9 +108,10 @@ def teacher_forced_stats(student: Any, teacher: Any, answers: TeacherAnswers, *,
 
 
 def compare_with_teacher(student: Any, teacher: Any, tokenizer: Any, answers: TeacherAnswers, *,
-                         max_new_tokens: int, batch_size: int = 16) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                         max_new_tokens: int, batch_size: int = 16, name: str = "the student"
+                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(metrics, per-prompt rows) of the student against the teacher's answers (see the module docstring)."""
-    log.info("the student answers %d held-out prompts (greedy)", len(answers.prompt_ids))
+    log.info("%s answers %d held-out prompts (greedy)", name, len(answers.prompt_ids))
     student_answers = greedy_answers(student, answers.prompt_ids, tokenizer, max_new_tokens=max_new_tokens,
                                      batch_size=batch_size)
     stats = teacher_forced_stats(student, teacher, answers, pad_token_id=tokenizer.pad_token_id)
