@@ -40,13 +40,6 @@ def load_prompts(limit: int) -> list[str]:
     return texts[:limit]
 
 
-def folder_size(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
-
-
 def peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -219,8 +212,10 @@ def main() -> None:
     models = [("float (align serve)", args.student, "align", float_bytes)]
     for fmt, folder in exports.items():
         engine = "llama.cpp" if llama else "align"
-        label = f"{fmt} ({'llama-server' if llama else 'align serve, dequantised'})"
-        models.append((label, folder, engine, folder_size(Path(folder) / f"model-{fmt}.gguf")))
+        report = json.loads((Path(folder) / "export.json").read_text())
+        adapter = " + LoRA" if report.get("adapter") else ""
+        label = f"{fmt}{adapter} ({'llama-server' if llama else 'align serve, dequantised'})"
+        models.append((label, folder, engine, report["size_bytes"]))  # what the server loads, adapter included
 
     results: dict[str, Any] = {"meta": {
         "cpus": os.cpu_count(), "threads": args.threads, "prompts": len(prompts), "max_tokens": args.max_tokens,
