@@ -29,11 +29,16 @@ argilla-setup: setup
 chromium:
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 
+# Two workers, one torch thread each (tests/conftest.py): most tests run one thread and wait on processes and
+# servers, so the second core would sit idle. --dist loadfile keeps a file's tests (and its module fixtures, the
+# Argilla stack) on one worker, in order.
+PYTEST_WORKERS := -n 2 --dist loadfile
+
 test: setup argilla-setup chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 test-fast: setup argilla-setup chromium
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_WORKERS) -m "not slow"
 
 # Set-up, then the whole loop (generate -> label -> pairs -> DPO -> eval) on the bundled model.
 quickstart: setup
