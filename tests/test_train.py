@@ -224,14 +224,15 @@ def _env(cache: Path) -> dict:
 
 
 @pytest.mark.reliability
-def test_killed_run_resumes_to_the_same_result(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path,
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_killed_run_resumes_to_the_same_result(method: str, tiny_model_dir: Path, pairs_file: Path, tmp_path: Path,
                                                isolated_cache: Path) -> None:
     common = ["--model", tiny_model_dir, "--data", pairs_file, f"ref_cache_dir={isolated_cache}", "max_steps=8",
               "per_device_train_batch_size=2", "max_length=96", "save_steps=3"]
     env = _env(isolated_cache)
-    subprocess.run(_cli("train", "dpo", "-o", tmp_path / "whole", *common), check=True, env=env, capture_output=True)
+    subprocess.run(_cli("train", method, "-o", tmp_path / "whole", *common), check=True, env=env, capture_output=True)
 
-    proc = subprocess.Popen(_cli("train", "dpo", "-o", tmp_path / "killed", *common), env=env,
+    proc = subprocess.Popen(_cli("train", method, "-o", tmp_path / "killed", *common), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-3"
     deadline = time.time() + 300
@@ -243,7 +244,7 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir: Path, pairs_file:
     proc.wait()
     assert not (tmp_path / "killed" / "run.json").exists()
 
-    done = subprocess.run(_cli("train", "dpo", "-o", tmp_path / "killed", "--resume", *common), env=env,
+    done = subprocess.run(_cli("train", method, "-o", tmp_path / "killed", "--resume", *common), env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     whole = json.loads((tmp_path / "whole" / "run.json").read_text())
