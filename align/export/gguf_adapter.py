@@ -19,7 +19,7 @@ from typing import Any
 
 from align.export.gguf import GGUFExportError, check_convertible, rotary_heads, rotary_rows_to_interleaved
 
-ADAPTER_DTYPE = "F16"  # as small as the base's 8-bit tensors per value; B·A's change is far above F16's precision
+ADAPTER_DTYPE = "F16"  # half of F32 on disk; the change B·A makes is far above F16's precision
 
 
 def lora_weights(peft_model: Any) -> dict[str, tuple[Any, Any]]:

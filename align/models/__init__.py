@@ -32,7 +32,7 @@ from align.models.loading import (
 from align.models.tokens import eos_token_ids, prompt_token_ids
 
 __all__ = [
-    "BUNDLED", "BUNDLED_PREFIX", "DEFAULT_MODEL", "GGUF_ADAPTER_FOLDER", "BundledModel", "ModelError", "ModelSource", "accepts_block_masks",
-    "build_tiny_model", "bundled_gguf", "bundled_model_path", "cache_dir", "cache_kwarg", "default_dtype",
-    "eos_token_ids", "load_model", "load_tokenizer", "prompt_token_ids", "resolve_model",
+    "BUNDLED", "BUNDLED_PREFIX", "DEFAULT_MODEL", "GGUF_ADAPTER_FOLDER", "BundledModel", "ModelError", "ModelSource",
+    "accepts_block_masks", "build_tiny_model", "bundled_gguf", "bundled_model_path", "cache_dir", "cache_kwarg",
+    "default_dtype", "eos_token_ids", "load_model", "load_tokenizer", "prompt_token_ids", "resolve_model",
 ]
