@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from align.models import build_tiny_model
+from tests.test_generate_cli import run_env
 from tests.test_label_judge import write_candidates
 
 pytestmark = pytest.mark.reliability
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _align(*args: object) -> list[str]:
@@ -31,7 +28,7 @@ def _align(*args: object) -> list[str]:
 
 def kill_after_lines(cmd: list[str], path: Path, lines: int) -> int:
     """Run ``cmd``, SIGKILL it once ``path`` holds ``lines`` whole lines; return how many it held then."""
-    process = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while process.poll() is None and time.monotonic() < deadline:
         if path.exists() and path.read_bytes().count(b"\n") >= lines:
@@ -56,14 +53,14 @@ def test_label_judge_killed_part_way_then_rerun_equals_an_uninterrupted_run(tiny
                                                                        answers[i % 2:] + answers[:i % 2])
                                                          for i in range(60)})
     common = ["label", "judge", candidates, "--model", tiny_model_dir, "--batch-size", "4", "--no-progress"]
-    subprocess.run(_align(*common, "-o", tmp_path / "full.jsonl"), env=_env(), check=True, capture_output=True)
+    subprocess.run(_align(*common, "-o", tmp_path / "full.jsonl"), env=run_env(), check=True, capture_output=True)
     full = rows(tmp_path / "full.jsonl")
     assert len(full) == 60 * 6  # every two of four answers
 
     killed = tmp_path / "killed.jsonl"
     at_kill = kill_after_lines(_align(*common, "-o", killed), killed, 32)
     assert 32 <= at_kill < len(full)
-    rerun = subprocess.run(_align(*common, "-o", killed), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(_align(*common, "-o", killed), env=run_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"({at_kill} already there, skipped)" in rerun.stdout, rerun.stdout
 
@@ -84,13 +81,13 @@ def test_eval_killed_while_answering_then_rerun_gives_the_uninterrupted_metrics(
     rules.write_text("rules:\n  - name: short\n    max_chars: 60\n")
     common = ["eval", "--model", student, "--reference", tiny_model_dir, "--prompts", prompts, "--judge", rules,
               "max_new_tokens=16", "batch_size=2"]
-    done = subprocess.run(_align(*common, "-o", tmp_path / "full"), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_align(*common, "-o", tmp_path / "full"), env=run_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
     out = tmp_path / "killed"
     at_kill = kill_after_lines(_align(*common, "-o", out), out / "responses_model.jsonl", 4)
     assert 4 <= at_kill < 16
-    rerun = subprocess.run(_align(*common, "-o", out), env=_env(), capture_output=True, text=True)
+    rerun = subprocess.run(_align(*common, "-o", out), env=run_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
 
     for name in ("responses_model.jsonl", "responses_reference.jsonl"):

@@ -61,8 +61,7 @@ def quantize_run(run: str, format_name: str, output: str | Path, *, calibration:
         tmp.unlink()
         tmp.mkdir()
         if keep_adapter:
-            model, quantised, adapter = _write_gguf_keeping_adapter(fmt, model, tokenizer, tmp, name=name)
-            weights = tmp / f"model-{fmt.name}.gguf"
+            weights, model, quantised, adapter = _write_gguf_keeping_adapter(fmt, model, tokenizer, tmp, name=name)
         else:
             (weights, quantised), adapter = _write(fmt, model, tokenizer, tmp, prompts, name=name), None
         from align.export.check import quantisation_check
@@ -93,15 +92,15 @@ def _keeps_adapter(fmt: ExportFormat, source: Any, merge: bool | None) -> bool:
 
 
 def _write_gguf_keeping_adapter(fmt: ExportFormat, peft_model: Any, tokenizer: Any, folder: Path, *, name: str
-                                ) -> tuple[Any, Any, dict[str, Any]]:
+                                ) -> tuple[Path, Any, Any, dict[str, Any]]:
     """The base quantised, the adapter beside it: ``lora/`` holds it as PEFT saves it (what align and
-    transformers load) and as a GGUF adapter (what llama.cpp loads). Returns the float model with the adapter
-    merged, the quantised one as align loads the folder (dequantised base + adapter), and what the adapter is."""
+    transformers load) and as a GGUF adapter (what llama.cpp loads). Returns the GGUF file, the float model with
+    the adapter merged, the quantised one as align loads the folder (dequantised base + adapter), and what the
+    adapter is."""
     import copy
 
     from peft import PeftModel
 
-    from align.export.gguf import GGUF_QUANTS, write_gguf
     from align.export.gguf_adapter import ADAPTER_DTYPE, lora_weights, write_gguf_adapter
     from align.models import GGUF_ADAPTER_FOLDER
 
@@ -110,15 +109,12 @@ def _write_gguf_keeping_adapter(fmt: ExportFormat, peft_model: Any, tokenizer: A
     adapter_file = adapter_dir / f"adapter-{ADAPTER_DTYPE.lower()}.gguf"
     write_gguf_adapter(lora_weights(peft_model), peft_model.get_base_model().config, adapter_file, name=name)
     float_model = copy.deepcopy(peft_model).merge_and_unload()
-    base = peft_model.unload()
-    dequantised = write_gguf(base, tokenizer, folder / f"model-{fmt.name}.gguf", GGUF_QUANTS[fmt.name], name=name)
-    tokenizer.save_pretrained(folder)
-    base.load_state_dict(dequantised, strict=False)
-    quantised = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    path, quantised_base = _write_gguf(fmt, peft_model.unload(), tokenizer, folder, name=name)
+    quantised = PeftModel.from_pretrained(quantised_base, adapter_dir).merge_and_unload()
     adapter = {"folder": GGUF_ADAPTER_FOLDER, "gguf": f"{GGUF_ADAPTER_FOLDER}/{adapter_file.name}",
                "dtype": ADAPTER_DTYPE, "size_bytes": adapter_file.stat().st_size,
                "why": f"a {fmt.bits}-bit step is larger than a DPO step: merged, most of the change rounds away"}
-    return float_model, quantised, adapter
+    return path, float_model, quantised, adapter
 
 
 def _write(fmt: ExportFormat, model: Any, tokenizer: Any, folder: Path, prompts: list[Any], *, name: str
@@ -128,16 +124,7 @@ def _write(fmt: ExportFormat, model: Any, tokenizer: Any, folder: Path, prompts:
     import copy
 
     if fmt.family == "gguf":
-        from align.export.gguf import GGUF_QUANTS, write_gguf
-
-        path = folder / f"model-{fmt.name}.gguf"
-        dequantised = write_gguf(model, tokenizer, path, GGUF_QUANTS[fmt.name], name=name)
-        # The tokenizer's own files beside it: loaded without parsing the GGUF again, and what vLLM's GGUF
-        # loader asks for (--tokenizer).
-        tokenizer.save_pretrained(folder)
-        quantised = copy.deepcopy(model)  # the weights llama.cpp computes with, without parsing the file again
-        quantised.load_state_dict(dequantised, strict=False)
-        return path, quantised
+        return _write_gguf(fmt, model, tokenizer, folder, name=name)
     from align.extras import require
 
     require(fmt.package, f"--quantize {fmt.name}", extra="gpu")
@@ -182,6 +169,23 @@ def _write_llm_compressor(fmt: ExportFormat, model: Any, tokenizer: Any, folder:
                 recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]))
     model.save_pretrained(folder, save_compressed=True)
     tokenizer.save_pretrained(folder)
+
+
+def _write_gguf(fmt: ExportFormat, model: Any, tokenizer: Any, folder: Path, *, name: str) -> tuple[Path, Any]:
+    """``model`` as ``folder/model-<format>.gguf`` with the tokenizer's files beside it, and a copy of ``model``
+    holding the weights llama.cpp computes with (checked without parsing the file again)."""
+    import copy
+
+    from align.export.gguf import GGUF_QUANTS, write_gguf
+
+    path = folder / f"model-{fmt.name}.gguf"
+    dequantised = write_gguf(model, tokenizer, path, GGUF_QUANTS[fmt.name], name=name)
+    # The tokenizer's own files beside it: loaded without parsing the GGUF again, and what vLLM's GGUF loader
+    # asks for (--tokenizer).
+    tokenizer.save_pretrained(folder)
+    quantised = copy.deepcopy(model)
+    quantised.load_state_dict(dequantised, strict=False)
+    return path, quantised
 
 
 def _calibration(run: str, calibration: str | None, limit: int) -> tuple[list[Any], str]:

@@ -52,16 +52,13 @@ def naive_loop(model_spec: str, prompts: list[dict], num_candidates: int, max_ne
     model = load_model(model_spec).eval()
     eos = tokenizer.eos_token_id
     tokens, start = 0, time.perf_counter()
-    for i, row in enumerate(prompts):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                             tokenize=False)
+    for i, text in enumerate(_chat_texts(tokenizer, prompts)):
         inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         for j in range(num_candidates):
             torch.manual_seed(seed + 1000 * i + j)
             sampling = ({"do_sample": False} if j == 0 else {"do_sample": True, "temperature": 0.8, "top_p": 0.95})
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=eos, **sampling)
-            generated = out[0, inputs["input_ids"].shape[1]:].tolist()
-            tokens += generated.index(eos) + 1 if eos in generated else len(generated)
+            tokens += len(_until_eos(out[0, inputs["input_ids"].shape[1]:].tolist(), eos))
     return {"tokens": tokens, "seconds": time.perf_counter() - start, "params": model.num_parameters()}
 
 
