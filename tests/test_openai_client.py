@@ -192,7 +192,7 @@ def test_the_http_teacher_waits_out_a_rate_limit_on_a_base_url_without_v1(tmp_pa
 def test_llama_servers_log_probs_give_token_ids_and_the_answers_log_probability(tmp_path: Path) -> None:
     """A reply recorded from llama.cpp's llama-server (an align export served with its LoRA adapter): token ids
     come as ``id`` and log-probs only when top_logprobs is above 0. align eval scores a served student's KL on
-    these ids and log-probs, so both must come through."""
+    these ids and log-probs, so both must come through, even when no alternatives are asked for."""
     from align.data.validate import read_records
     from align.eval.stage import _served_logprob
     from align.generate import GenerateConfig, generate
@@ -202,11 +202,12 @@ def test_llama_servers_log_probs_give_token_ids_and_the_answers_log_probability(
     prompts.write_text('{"id": "q", "prompt": "Why does ice float on water?"}\n')
     with scripted_server([(200, {}, recorded)]) as (root, seen):
         generate(GenerateConfig(model="student", backend="openai", base_url=root, prompts=prompts,
-                                output=tmp_path / "c.jsonl", num_candidates=1, logprobs=1, progress=False))
-    assert seen[0].body["logprobs"] is True and seen[0].body["top_logprobs"] == 1
+                                output=tmp_path / "c.jsonl", num_candidates=1, logprobs=0, progress=False))
+    assert seen[0].body["logprobs"] is True and seen[0].body["top_logprobs"] == 1  # llama-server computes none for 0
     (row,) = read_records(tmp_path / "c.jsonl", "candidates")
     (response,) = row.responses
     expected = recorded["choices"][0]["logprobs"]["content"]
     assert [e["token_id"] for e in response.logprobs] == [e["id"] for e in expected] == [504, 2166, 327, 3908]
+    assert not any("top_logprobs" in e for e in response.logprobs)  # the alternative it was sent for is dropped
     logprob, tokens = _served_logprob(response)
     assert tokens == 4 and logprob == pytest.approx(sum(e["logprob"] for e in expected))

@@ -146,8 +146,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
         log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
                  role, spec, k, path)
-        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below); it is asked for
-        # the top one too, since llama-server computes log-probs only when top_logprobs is above 0.
+        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below).
         served = role == "model" and is_server_url(spec)
         where = _served(config) if served else {"model": spec}
         # Evals of several students may share the reference's answers at once: one writes, the others wait.
@@ -156,7 +155,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
             # Resumable like every stage: a rerun keeps what is already written.
             generate(**where, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
                      temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
-                     seed=config.seed, logprobs=1 if served else 0, batch_size=config.batch_size)
+                     seed=config.seed, logprobs=0, batch_size=config.batch_size)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
         answers[role] = str(path)
     prompt_ids = sorted(set(sampled["model"]) & set(sampled["reference"]))

@@ -87,7 +87,9 @@ class OpenAIBackend:
                 payload["top_k"] = sampling.top_k  # not OpenAI's; vLLM, SGLang and ours accept it
         if self.config.logprobs is not None:
             payload["logprobs"] = True
-            payload["top_logprobs"] = self.config.logprobs
+            # At least one: llama-server computes no log-probs at all for top_logprobs 0. The extra
+            # alternative is dropped again in _parse, so callers get what they asked for.
+            payload["top_logprobs"] = max(1, self.config.logprobs)
         return {**payload, **self.config.extra_body}
 
     def _request(self, job: PromptJob, group: list[CandidateSpec]) -> list[Completion]:
@@ -102,7 +104,7 @@ class OpenAIBackend:
         usage_tokens = (body.get("usage") or {}).get("completion_tokens")
         completions = []
         for choice in choices:
-            logprobs = _logprobs(choice.get("logprobs"))
+            logprobs = _logprobs(choice.get("logprobs"), self.config.logprobs or 0)
             num_tokens = len(logprobs) if logprobs is not None else (usage_tokens if n == 1 else None)
             message = choice.get("message") or {}
             completions.append(Completion(message.get("content") or "", choice.get("finish_reason"), num_tokens,
@@ -139,13 +141,14 @@ def _logprob_entry(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def _logprobs(block: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+def _logprobs(block: dict[str, Any] | None, top: int) -> list[dict[str, Any]] | None:
+    """Each sampled token's log-prob, with at most ``top`` alternatives (none when ``top`` is 0)."""
     if not block or block.get("content") is None:
         return None
     entries = []
     for item in block["content"]:
         entry = _logprob_entry(item)
-        if item.get("top_logprobs") is not None:
-            entry["top_logprobs"] = [_logprob_entry(t) for t in item["top_logprobs"]]
+        if top and item.get("top_logprobs") is not None:
+            entry["top_logprobs"] = [_logprob_entry(t) for t in item["top_logprobs"][:top]]
         entries.append(entry)
     return entries
