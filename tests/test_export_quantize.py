@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -97,17 +98,25 @@ def test_a_gguf_file_or_its_folder_is_a_model_spec(exports: dict[str, Path]) -> 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A LoRA DPO run of a few steps at a high rate (its adapter moves the weights), and its training data."""
+    """A LoRA DPO run of a few steps at a high rate (its adapter moves the weights), and its training data. The
+    data is given relative to where training ran, and the run dir lies elsewhere, as a user's often does."""
     import align.train
 
     folder = tmp_path_factory.mktemp("lora")
-    pairs = folder / "pairs.jsonl"
+    pairs = folder / "data" / "pairs.jsonl"
+    pairs.parent.mkdir()
     pairs.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": "Yes, because.", "rejected": "No."})
                              + "\n" for i in range(6)))
-    result = align.train.dpo(model=str(tiny_model_dir), data=str(pairs), output_dir=str(folder / "run"),
-                             ref_cache_dir=str(folder / "cache"), max_steps=3, eval_split=0, learning_rate=1e-2,
-                             per_device_train_batch_size=2, max_length=64)
-    return Path(result.run_dir), pairs
+    run_dir = tmp_path_factory.mktemp("elsewhere") / "run"
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        result = align.train.dpo(model=str(tiny_model_dir), data="data/pairs.jsonl", output_dir=str(run_dir),
+                                 ref_cache_dir=str(folder / "cache"), max_steps=3, eval_split=0, learning_rate=1e-2,
+                                 per_device_train_batch_size=2, max_length=64)
+    finally:
+        os.chdir(here)
+    return Path(result.run_dir), pairs.resolve()
 
 
 def test_a_lora_run_is_merged_at_8_bits_and_calibrated_on_its_own_training_prompts(

@@ -10,6 +10,7 @@ Nothing is written at ``DIR`` until the export is whole.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -209,15 +210,21 @@ def _calibration(run: str, calibration: str | None, limit: int) -> tuple[list[An
 
 
 def _training_data(run: str) -> str | None:
+    """The run's training data: where data.json says it was resolved, or (a run moved with its data, or recorded
+    before data.json had it) the config's relative path, from here or a folder the run dir sits in."""
     import yaml
 
+    recorded = Path(run) / "data.json"
+    if recorded.is_file():
+        resolved = (json.loads(recorded.read_text()).get("train") or {}).get("resolved")
+        if resolved and Path(resolved).is_file():
+            return resolved
     config = Path(run) / "config.yaml"
     if not config.is_file():
         return None
     data = (yaml.safe_load(config.read_text()) or {}).get("data")
     if not isinstance(data, str):
         return None
-    # A relative path was relative to where training ran: here, or a folder the run dir sits in.
     for base in (Path.cwd(), *Path(run).resolve().parents):
         if (base / data).is_file():
             return str(base / data)

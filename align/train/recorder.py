@@ -47,8 +47,12 @@ class RunRecorder:
         return MetricsFileCallback(self.run_dir / "metrics.jsonl")
 
     def record_setup(self, config: Any, data: dict[str, Any], trl_args: Any) -> None:
-        """What the run was asked to do: config, data (with hashes) and the trainer's full arguments."""
+        """What the run was asked to do: config, data (with hashes) and the trainer's full arguments. A local
+        data path is also recorded resolved: the config keeps it as given, relative to wherever training ran."""
         dump_config(config, self.run_dir / "config.yaml")
+        train = data.get("train") or {}
+        if isinstance(train.get("path"), str) and Path(train["path"]).exists():
+            data = {**data, "train": {**train, "resolved": str(Path(train["path"]).resolve())}}
         write_json(self.run_dir / "data.json", data)
         write_json(self.run_dir / "trl_args.json", json.loads(trl_args.to_json_string()))
 
