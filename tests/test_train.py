@@ -343,6 +343,12 @@ def test_micro_batch_settings() -> None:
     assert resolve_micro_batch(dpo, {}, on_gpu=True) is None
     assert resolve_micro_batch(dpo, {"loss_type": "aot"}, on_gpu=False) is None  # looks across the batch
     assert resolve_micro_batch(TrainConfig(data="p", output_dir="o", method="kto"), {}, on_gpu=False) is None
+    # SFT: TRL divides its token sum by the whole batch's token count, so it splits (not label smoothing's mean)
+    sft_config = TrainConfig(data="p", output_dir="o", method="sft")
+    assert resolve_micro_batch(sft_config, {}, on_gpu=False) == 1
+    assert resolve_micro_batch(sft_config, {"loss_type": "dft"}, on_gpu=False) == 1
+    assert resolve_micro_batch(sft_config, {}, on_gpu=True) is None
+    assert resolve_micro_batch(sft_config, {"label_smoothing_factor": 0.1}, on_gpu=False) is None
     # align's default loss: its sft term (a token mean) is kept exact by align's trainer, so it splits too
     sft = {"loss_type": ["sigmoid", "sft"]}
     assert resolve_micro_batch(dpo, sft, on_gpu=False) == 1

@@ -111,6 +111,43 @@ def test_sft_reads_conversations_and_text_rows_and_any_sft_config_key(
     assert result.steps == 1
 
 
+def test_sft_speed_ups_take_trls_steps(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """align's SFT defaults on a CPU (passes of one row, the lean LM head) take the same optimizer steps as TRL's
+    trainer on whole batches with its own head, on completions of unequal lengths (the loss is a mean over the
+    whole batch's tokens, not over each pass's)."""
+    from align.train.speedups.lm_head import TokenLogProbs
+
+    rows = _sft_rows(12)
+    for i, row in enumerate(rows):
+        row["completion"][0]["content"] = " ".join(f"Fact {k + 1} about {TOPICS[i % 10]}." for k in range(1 + i % 4))
+    data = tmp_path / "uneven.jsonl"
+    write_records(data, rows)
+    lean_calls = []
+    forward = TokenLogProbs.forward
+    monkeypatch.setattr(TokenLogProbs, "forward", staticmethod(lambda *a, **k: lean_calls.append(1) or forward(*a, **k)))
+
+    def steps(name: str, **switches) -> list[tuple]:
+        result = align.train.sft({"micro_batch_size": switches.pop("micro", "auto")},  # a dict keeps None
+                                 **_settings(tiny_model_dir, data, tmp_path / name, max_steps=3, eval_split=0,
+                                             per_device_train_batch_size=4, save_strategy="no", **switches))
+        batches = json.loads((Path(result.run_dir) / "trl_args.json").read_text())
+        metrics = [m for _, m in iter_rows(Path(result.run_dir) / "metrics.jsonl") if "loss" in m]
+        return (batches["per_device_train_batch_size"], batches["gradient_accumulation_steps"]), \
+            [(m["loss"], m["grad_norm"]) for m in metrics]
+
+    plain_batches, plain = steps("trl", micro=None, lean_lm_head=False)
+    assert plain_batches == (4, 1) and not lean_calls
+    fast_batches, fast = steps("align")
+    assert fast_batches == (1, 4) and lean_calls
+    assert len(fast) == 3
+    for p, f in zip(plain, fast):
+        assert f == pytest.approx(p, rel=1e-4, abs=1e-5)
+    # Label smoothing's loss is a mean over each pass's tokens: asked for passes, it is refused, not made inexact.
+    with pytest.raises(ConfigError, match="label_smoothing_factor"):
+        align.train.sft({"micro_batch_size": 1}, **_settings(tiny_model_dir, data, tmp_path / "smooth",
+                                                            label_smoothing_factor=0.1))
+
+
 @pytest.mark.reliability
 def test_sft_resumes_from_its_last_checkpoint(tiny_model_dir: Path, sft_file: Path, tmp_path: Path) -> None:
     first = align.train.sft(**_settings(tiny_model_dir, sft_file, tmp_path / "r", max_steps=2, eval_split=0))

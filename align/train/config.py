@@ -92,8 +92,8 @@ class TrainConfig(LoraSwitch):
         False, description="keep only matmul/attention outputs of each decoder layer and recompute the rest in the "
         "backward pass (same math, less memory, slower steps); null: on for CPU, off on GPU")
     micro_batch_size: PositiveInt | Literal["auto"] | None = Field(
-        "auto", description="DPO: pairs per forward/backward pass; the optimizer still steps on "
-        "per_device_train_batch_size pairs (gradient accumulation, same math). auto: 1 on CPU, where one pair "
+        "auto", description="DPO and SFT: pairs (SFT: rows) per forward/backward pass; the optimizer still steps on "
+        "per_device_train_batch_size of them (gradient accumulation, same math). auto: 1 on CPU, where one pair "
         "already keeps the cores busy and a smaller batch means less activation memory and padding; the whole "
         "batch on a GPU. null: the whole batch")
     trust_remote_code: bool = False
@@ -199,12 +199,14 @@ def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bo
     too, but align's trainer keeps it exact (:data:`TOKEN_MEAN_DPO_LOSSES`), except with ``use_weighting``.
     """
     setting = config.micro_batch_size
-    if setting is None or config.method != "dpo":
+    if setting is None or config.method not in ("dpo", "sft"):
         return None
     if setting == "auto":
         if on_gpu:
             return None
         setting = 1
+    if config.method == "sft":
+        return _sft_micro_batch(config, args, int(setting))
     loss_types = args.get("loss_type", "sigmoid")
     loss_types = [loss_types] if isinstance(loss_types, str) else list(loss_types)
     exact = PER_PAIR_DPO_LOSSES | (frozenset() if args.get("use_weighting") else TOKEN_MEAN_DPO_LOSSES)
@@ -216,6 +218,25 @@ def resolve_micro_batch(config: TrainConfig, args: dict[str, Any], *, on_gpu: bo
                               "terms, so micro-batches would change it; remove micro_batch_size")
         return None
     return int(setting)
+
+
+# SFT losses that TRL sums over tokens and divides by the whole batch's count of them (``num_items_in_batch``,
+# which transformers' Trainer counts across all passes of an optimizer step): exact under micro-batches.
+TOKEN_SUM_SFT_LOSSES = frozenset({"nll", "dft"})
+
+
+def _sft_micro_batch(config: TrainConfig, args: dict[str, Any], setting: int) -> int | None:
+    """SFT's micro-batch size: TRL's nll/dft loss is already a mean over the whole batch's tokens (label smoothing
+    takes another path, a mean per pass)."""
+    loss_type = args.get("loss_type", _trl_default("sft", "loss_type"))
+    reason = (f"loss_type {loss_type}" if loss_type not in TOKEN_SUM_SFT_LOSSES
+              else "label_smoothing_factor" if args.get("label_smoothing_factor") else None)
+    if reason is None:
+        return setting
+    if config.micro_batch_size != "auto":
+        raise ConfigError(f"micro_batch_size: with {reason} SFT's loss is not a sum over tokens divided by the "
+                          "batch's token count, so micro-batches would change it; remove micro_batch_size")
+    return None
 
 
 def _trl_default(method: str, name: str) -> Any:
@@ -318,7 +339,7 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
             batch, accumulation, micro)
         passes = batch // args["per_device_train_batch_size"]
         if passes > 1:
-            log.info("each batch of %d pairs runs as %d passes of %d (gradient accumulation: same math, less "
+            log.info("each batch of %d examples runs as %d passes of %d (gradient accumulation: same math, less "
                      "activation memory and padding; micro_batch_size: null turns it off)",
                      batch, passes, micro)
     if isinstance(args.get("report_to"), str):

@@ -24,7 +24,7 @@ from align.train.diagnosis import Diagnosis, diagnose
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy, reward_tie_tolerance
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.recorder import RunRecorder, final_loss
-from align.train.speedups import speedup_mixins
+from align.train.speedups import LeanHeadMixin, speedup_mixins
 from align.train.speedups.ref_cache import RefLogpStore, module_fingerprint, weights_fingerprint
 from align.train.start import name_adapter_base, started_from
 
@@ -53,10 +53,12 @@ def _trainer_class(method: str, prefix_sharing: bool, lean_lm_head: bool = True,
                    selective_recompute: bool = False, extra_mixins: Sequence[type] = ()) -> type:
     """TRL's trainer for ``method`` with align's mixins, outermost first: ``extra_mixins``, the speed-ups
     (align.train.speedups), the held-out reward measurement (align.train.heldout). The speed-ups and the
-    measurement are DPO/KTO's (reference log-probs, implicit rewards): SFT, ORPO and SimPO run TRL's trainer."""
+    measurement are DPO/KTO's (reference log-probs, implicit rewards). SFT gets the lean LM head (TRL's
+    SFTTrainer scores its tokens with the same fused head); ORPO and SimPO run TRL's trainer."""
     base = trl_trainer_class(method)
     if method not in REFERENCE_METHODS:
-        return type(f"Align{base.__name__}", (*extra_mixins, base), {"align_method": method})
+        lean = (LeanHeadMixin,) if method == "sft" and lean_lm_head else ()
+        return type(f"Align{base.__name__}", (*extra_mixins, *lean, base), {"align_method": method})
     speedups = speedup_mixins(method, prefix_sharing=prefix_sharing, lean_lm_head=lean_lm_head,
                               selective_recompute=selective_recompute)
     mixins = (*extra_mixins, *speedups, HeldoutRewardsMixin)

@@ -6,12 +6,13 @@
 - prefix sharing (:mod:`.prefix_sharing`, ``prefix_sharing``, DPO only): a pair's prompt goes through the
   model once, not once per answer (one sequence, block attention mask).
 - lean LM head (:mod:`.lm_head`, ``lean_lm_head``): log-probs of the labelled tokens only, in small tiles,
-  where TRL's fused head has no Triton (CPU).
+  where TRL's fused head has no Triton (CPU); SFT's trainer gets it too (align.train.run._trainer_class).
 - selective recompute (:mod:`.recompute`, ``selective_recompute``): each decoder layer keeps its matmul and
   attention outputs and recomputes the element-wise rest in the backward pass (less memory, slower steps).
-- exact micro-batches (:mod:`.micro_batches`, ``micro_batch_size``, DPO only): a batch run as several passes
-  of gradient accumulation keeps TRL's ``sft`` term a mean over the whole batch's chosen tokens (the
-  passes themselves are set up by :func:`align.train.config.build_trl_args`).
+- exact micro-batches (:mod:`.micro_batches`, ``micro_batch_size``, DPO and SFT): a batch run as several
+  passes of gradient accumulation keeps TRL's ``sft`` term a mean over the whole batch's chosen tokens (the
+  passes themselves are set up by :func:`align.train.config.build_trl_args`; SFT's loss is already a mean
+  over the whole batch's tokens, through the ``num_items_in_batch`` transformers' Trainer passes it).
 
 Each module holds the math and the trainer mixin that switches it on. The trainer class is TRL's
 ``DPOTrainer``/``KTOTrainer`` with mixins, outermost first (``align.train.run._trainer_class``)::

@@ -1,6 +1,6 @@
 """Per-token log-probs of the LM head in small tiles, scoring only the tokens that carry a label.
 
-TRL 1.16's DPO and KTO trainers never build the full ``[batch, seq, vocab]``
+TRL 1.16's DPO, KTO and SFT trainers never build the full ``[batch, seq, vocab]``
 logits: their "fused LM head" (``trl.trainer.utils.add_fused_lm_head``) hands
 the last hidden states to a chunked kernel. On a GPU that kernel is Triton and
 scores only the labelled positions. Without Triton (CPU), it scores *every*
@@ -18,7 +18,7 @@ hooks it into TRL's fused head at the narrowest point: TRL's forward still runs
 the backbone, gathers the labelled positions and builds its output; only the
 kernel it calls, and the choice to score labelled positions only, are swapped,
 for the duration of one forward call of one model. :class:`LeanHeadMixin` installs
-it on a DPO/KTO trainer's models.
+it on a DPO/KTO/SFT trainer's models.
 """
 
 from __future__ import annotations
@@ -263,6 +263,6 @@ class LeanHeadMixin:
         if not needs_lean_lm_head(trainer.accelerator.device):
             return
         policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-        for model in (policy, trainer.ref_model):
+        for model in (policy, getattr(trainer, "ref_model", None)):  # SFT has no reference
             if model is not None and not getattr(model, "align_lean_lm_head", False):
                 use_lean_lm_head(model)
