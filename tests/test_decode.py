@@ -108,3 +108,34 @@ def test_a_dropped_row_leaves_and_the_others_decode_on(engine) -> None:
                 finished[new.key] = new.finish_reason
     assert tokens == {1: PINNED[1], 2: PINNED[2][:3], 5: PINNED[5]}
     assert finished == {1: LONG, 5: LONG} and batch.live == 0 and batch.step() == []
+
+
+def test_the_growing_cache_writes_in_place_and_holds_what_transformers_holds() -> None:
+    """align's KV cache layer holds exactly what transformers' DynamicLayer holds, through appends, a batch
+    selection (compaction) and an outside replacement, and copies its cache only when its room runs out."""
+    from transformers.cache_utils import DynamicLayer
+
+    from align.generate.kv_cache import SPARE_TOKENS, GrowingLayer
+
+    growing, plain = GrowingLayer(), DynamicLayer()
+    generator = torch.Generator().manual_seed(0)
+
+    def step(tokens: int, batch: int = 3) -> None:
+        kv = [torch.randn(batch, 2, tokens, 4, generator=generator) for _ in range(2)]
+        for got, want in zip(growing.update(*kv), plain.update(*kv)):
+            assert torch.equal(got, want)
+
+    step(5)  # a prefill
+    room = growing.key_room.data_ptr()
+    for _ in range(SPARE_TOKENS):
+        step(1)
+    assert growing.key_room.data_ptr() == room  # 64 tokens written in place
+    step(1)
+    assert growing.key_room.data_ptr() != room  # the room ran out: one copy
+    for layer in (growing, plain):
+        layer.batch_select_indices(torch.tensor([2, 0]))
+    step(1, batch=2)
+    for layer in (growing, plain):  # as align.generate.decode cuts columns that are padding in every row
+        layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]
+    step(1, batch=2)
+    assert growing.keys.shape == (2, 2, 5 + SPARE_TOKENS + 3 - 3, 4)  # prefill + steps - the columns cut

@@ -6,6 +6,8 @@ for the longest row of a batch before starting the next, and samples a whole
 batch with one setting and one random stream. Here
 
 * each prompt is prefilled once and its KV cache copied to its candidate rows;
+* each step's keys and values are written into spare room in the cache, not
+  appended by copying the whole cache (align.generate.kv_cache);
 * finished rows leave the batch and waiting prompts take their places
   (continuous batching: the cache is compacted and refilled once a quarter of
   the batch is free, so each copy pays for itself);
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from align.generate.config import SamplingParams
+from align.generate.kv_cache import GrowingLayer, growing_cache
 from align.models import cache_kwarg
 
 REFILL_FRACTION = 0.25
@@ -363,16 +366,12 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 def _mergeable(cache: Any) -> bool:
     """Only plain full-attention layers can be padded and joined (not sliding windows or linear attention)."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    return all(type(layer) is GrowingLayer for layer in cache.layers)
 
 
 def _prefill(model: Any, prompts: Sequence[tuple[Sequence[int], Sequence[DecodeRow]]], stream_length: int,
              pad_token_id: int) -> _BatchState:
     """Run the prompts once (left padded together) and fan each out to its rows."""
-    from transformers import DynamicCache
-
     device = model.device
     width = max(len(ids) for ids, _ in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -382,7 +381,7 @@ def _prefill(model: Any, prompts: Sequence[tuple[Sequence[int], Sequence[DecodeR
         attention_mask[i, width - len(ids):] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = growing_cache(model.config)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache}).logits[:, -1, :].float()
 
