@@ -363,6 +363,10 @@ def test_micro_batch_settings() -> None:
     assert args.loss_type == ["sigmoid", "sft"]
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (1, 8)
     assert getattr(args, PASSES_PER_BATCH_ATTR) == 8 and PASSES_PER_BATCH_ATTR not in args.to_json_string()
+    assert args.precompute_ref_batch_size == 8  # the reference pass holds no activations: whole batches
+    mine = build_trl_args(TrainConfig(data="p", output_dir="o", precompute_ref_batch_size=2),
+                          "o", on_gpu=False, bf16_ok=False)
+    assert mine.precompute_ref_batch_size == 2
     whole = build_trl_args(TrainConfig(data="p", output_dir="o", micro_batch_size=None), "o", on_gpu=False,
                            bf16_ok=False)
     assert whole.per_device_train_batch_size == 8 and not hasattr(whole, PASSES_PER_BATCH_ATTR)

@@ -338,6 +338,10 @@ def build_trl_args(config: TrainConfig, run_dir: str, *, on_gpu: bool, bf16_ok: 
         args["per_device_train_batch_size"], args["gradient_accumulation_steps"] = micro_batches(
             batch, accumulation, micro)
         passes = batch // args["per_device_train_batch_size"]
+        if passes > 1 and config.method in REFERENCE_METHODS and args.get("precompute_ref_log_probs"):
+            # The reference pass keeps no activations for a backward, so it runs on the whole batches (TRL's
+            # default is the train batch, here the micro-batch): 41 s -> 32 s for 32 pairs of the bundled model.
+            args.setdefault("precompute_ref_batch_size", batch)
         if passes > 1:
             log.info("each batch of %d examples runs as %d passes of %d (gradient accumulation: same math, less "
                      "activation memory and padding; micro_batch_size: null turns it off)",
