@@ -124,9 +124,10 @@ def test_sft_speed_ups_take_trls_steps(tiny_model_dir: Path, tmp_path: Path, mon
     write_records(data, rows)
     lean_calls = []
     forward = TokenLogProbs.forward
-    monkeypatch.setattr(TokenLogProbs, "forward", staticmethod(lambda *a, **k: lean_calls.append(1) or forward(*a, **k)))
+    monkeypatch.setattr(TokenLogProbs, "forward",
+                        staticmethod(lambda *a, **k: lean_calls.append(1) or forward(*a, **k)))  # counts, still runs
 
-    def steps(name: str, **switches) -> list[tuple]:
+    def steps(name: str, **switches) -> tuple[tuple[int, int], list[tuple]]:
         result = align.train.sft({"micro_batch_size": switches.pop("micro", "auto")},  # a dict keeps None
                                  **_settings(tiny_model_dir, data, tmp_path / name, max_steps=3, eval_split=0,
                                              per_device_train_batch_size=4, save_strategy="no", **switches))

@@ -230,7 +230,8 @@ def main() -> None:
               f"~{naive_wall:.0f} s at that rate")
     print(f"wall-time ratio (naive / align): {naive_wall / ours['seconds']:.1f}x; "
           f"distinct candidates: {ours['distinct_candidates']}/{ours['candidates']}")
-    versus_best = {name: run["tokens_per_second"] / runs[best_peer]["tokens_per_second"] for name, run in aligns.items()}
+    best_rate = runs[best_peer]["tokens_per_second"]
+    versus_best = {name: run["tokens_per_second"] / best_rate for name, run in aligns.items()}
     for name, ratio_to_best in versus_best.items():
         print(f"{name} vs the best peer ({best_peer}): {ratio_to_best:.2f}x tokens/s; distinct candidates "
               + ", ".join(f"{n} {runs[n]['distinct_candidates']}/{runs[n]['candidates']}" for n in (best_peer, name)))

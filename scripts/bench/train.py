@@ -2,9 +2,9 @@
 
 Same data (the first rows of LLaMA-Factory's dpo_en_demo.json, or kto_en_demo.json for KTO, whose prompt
 fits max_length; SFT trains on dpo_en_demo's chosen answers: as many rows as the run trains on, one epoch, so
-that a precomputed reference covers only trained rows and no row is dropped), model (bundled SmolLM2-135M-Instruct), and hyper-parameters
-(max_length 256, batch 4, 8 steps, seed 0, the same learning rate), for a full
-fine-tune and for LoRA:
+that a precomputed reference covers only trained rows and no row is dropped), model (bundled
+SmolLM2-135M-Instruct), and hyper-parameters (max_length 256, batch 4, 8 steps, seed 0, the same learning
+rate), for a full fine-tune and for LoRA:
 
   (a) TRL's DPOTrainer (KTOTrainer, SFTTrainer) with its defaults, changing only what a CPU needs
       (use_cpu, no bf16);
