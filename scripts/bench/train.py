@@ -146,22 +146,15 @@ def _chat_length(tokenizer: Any, messages: list[dict], **kwargs: Any) -> int:
     return len(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def rows_that_train(rows: list[dict], max_length: int) -> list[dict]:
+def rows_that_train(tokenizer: Any, rows: list[dict], max_length: int) -> list[dict]:
     """The rows whose prompt leaves room for an answer under max_length: TRL drops the others, and a benchmark
     of one epoch should train every row it is given."""
-    from align.models import DEFAULT_MODEL, load_tokenizer
-
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
     return [r for r in rows if _chat_length(tokenizer, r["prompt"], add_generation_prompt=True) < max_length]
 
 
-def trained_tokens(method: str, rows: list[dict], max_length: int) -> int:
+def trained_tokens(tokenizer: Any, method: str, rows: list[dict], max_length: int) -> int:
     """Tokens of the rows as TRL trains them: each sequence (DPO: chosen and rejected, each with its prompt) cut
     at max_length."""
-    from align.models import DEFAULT_MODEL, load_tokenizer
-
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-
     def length(prompt: list[dict], completion: list[dict]) -> int:
         return min(_chat_length(tokenizer, prompt + completion), max_length)
 
@@ -214,12 +207,15 @@ def main() -> None:
                     "-o", str(work / "all.jsonl")], check=True, env=env, stdout=subprocess.DEVNULL)
     trained_rows = args.steps * 4
     n_rows = args.rows or trained_rows
-    rows = rows_that_train([json.loads(line) for line in (work / "all.jsonl").read_text().splitlines()],
+    from align.models import DEFAULT_MODEL, load_tokenizer
+
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    rows = rows_that_train(tokenizer, [json.loads(line) for line in (work / "all.jsonl").read_text().splitlines()],
                            MAX_LENGTH)[:n_rows]
     if args.method == "sft":  # the chosen answers: what `align data select` would keep
         rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     Path(data).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tokens = trained_tokens(args.method, rows[:trained_rows], MAX_LENGTH)
+    tokens = trained_tokens(tokenizer, args.method, rows[:trained_rows], MAX_LENGTH)
     flops_per_pass = 2 * model_parameters() * tokens
     gflops = matmul_gflops()
     print(f"{tokens} tokens trained; fp32 matmul rate {gflops:.1f} GFLOP/s", file=sys.stderr, flush=True)
