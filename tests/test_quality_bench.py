@@ -83,6 +83,16 @@ def test_sft_reads_the_selected_answers_apart_from_the_pairs_and_orpo_simpo_read
     assert Variant().pairs_tag != PAIRS_VARIANT.pairs_tag
 
 
+def test_another_candidate_count_has_its_own_files_and_runs(tmp_path: Path) -> None:
+    eight, suites = Variant(candidates=8), Variant(candidates=quality.CANDIDATES)
+    assert suites == Variant() and suites.is_defaults and not eight.is_defaults
+    assert (eight.candidates_suffix, suites.candidates_suffix) == ("-8", "")  # candidates-8.jsonl, candidates.jsonl
+    assert len({eight.pairs_tag, suites.pairs_tag}) == len({eight.select_tag, suites.select_tag}) == 2
+    assert eight.tag != suites.tag  # its own results file
+    for method in ("align-dpo", "random", "align-sft"):
+        assert Student("warm", method, 0, eight).folder(tmp_path) != Student("warm", method, 0).folder(tmp_path)
+
+
 def test_each_method_trains_with_its_trainer_on_its_data_within_the_same_budget(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import align.train
@@ -168,11 +178,11 @@ def test_methods_narrow_what_runs_not_what_the_table_reports() -> None:
         quality.plan_methods("align-sfft", quick=False)
 
 
-def fake_evaluation(student: Student, work: Path, diffs: dict[str, float]) -> None:
+def fake_evaluation(student: Student, work: Path, diffs: dict[str, float], sampled: str = "sample") -> None:
     """The files `align eval` leaves for a student, with the given per-prompt score differences."""
-    for decoding in ("sample", "greedy"):
+    for decoding in (sampled, "greedy"):
         folder = student.folder(work) / "eval" / student.name / decoding
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         folder.joinpath("per_prompt.jsonl").write_text("".join(
             json.dumps({"prompt_id": p, "model_scores": [0.5 + d], "reference_scores": [0.5]}) + "\n"
             for p, d in diffs.items()))
@@ -196,3 +206,16 @@ def test_new_methods_run_later_are_compared_with_the_random_control_evaluated_ea
     rows = summarise([quality.evaluate_student(s, tmp_path) for s in (sft, earlier[0])])
     row = next(r for r in rows if r["method"] == "align-sft")
     assert row["gain"] == pytest.approx(0.2) and row["vs_random"] == pytest.approx(0.2)
+
+
+def test_an_eval_with_more_samples_per_prompt_has_its_own_folder_and_reference_answers(tmp_path: Path) -> None:
+    student = Student("warm", "align-dpo", 0)
+    fake_evaluation(student, tmp_path, {"q1": 0.1, "q2": 0.3})  # the suite's K
+    assert student.evaluated(tmp_path) and not student.evaluated(tmp_path, samples=8)
+    assert quality.sampled_eval(quality.SAMPLES_PER_PROMPT) == "sample" and quality.sampled_eval(8) == "sample-8"
+    fake_evaluation(student, tmp_path, {"q1": 0.0, "q2": 0.1}, sampled="sample-8")
+    assert student.evaluated(tmp_path, samples=8)
+    eight = quality.evaluate_student(student, tmp_path, samples=8)["sample"]
+    assert eight["per_prompt_diff"] == pytest.approx({"q1": 0.0, "q2": 0.1})
+    two = quality.evaluate_student(student, tmp_path)["sample"]
+    assert two["per_prompt_diff"] == pytest.approx({"q1": 0.1, "q2": 0.3})

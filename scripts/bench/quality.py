@@ -30,6 +30,10 @@ completes the table, with the random control beside them, instead of replacing i
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~4 h on 2 cores
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~25 min
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
+
+``--set``/``--pairs`` try other training and pair settings beside the defaults, ``--candidates N`` another number
+of teacher candidates per prompt (its own files beside the suite's 4), ``--samples-per-prompt K`` more sampled
+answers per held-out prompt (narrower intervals where one answer's score is mostly chance; its own eval folders).
 """
 
 from __future__ import annotations
@@ -98,6 +102,12 @@ SAMPLES_PER_PROMPT = 2  # sampled answers per held-out prompt and model, beside 
 FULL_SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)  # align-dpo's seeds; --quick's runs are a subset of the full run's
 
 
+def sampled_eval(samples: int) -> str:
+    """The folder of a student's sampled eval, and the stem of the reference's shared sampled answers: another K
+    has its own (eval refuses to resume answers made with another K), the suite's own keeps the plain name."""
+    return "sample" if samples == SAMPLES_PER_PROMPT else f"sample-{samples}"
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
@@ -115,10 +125,21 @@ class Variant:
 
     train: tuple[tuple[str, Any], ...] = ()  # align train dpo/kto key=value (also the random control's)
     pairs: tuple[tuple[str, Any], ...] = ()  # build_pairs keyword arguments
+    candidates: int = CANDIDATES  # the teacher's candidates per training prompt
 
     @property
     def is_defaults(self) -> bool:
-        return not self.train and not self.pairs
+        return not self.train and not self.pairs and self.candidates == CANDIDATES
+
+    @property
+    def candidates_suffix(self) -> str:
+        """Tells the files of another candidate count apart (candidates-8.jsonl); the suite's own count keeps the
+        plain names, and every hash below takes the count only when it is not the suite's, so the runs cached
+        before the count could change keep their names."""
+        return "" if self.candidates == CANDIDATES else f"-{self.candidates}"
+
+    def _with_count(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return settings if self.candidates == CANDIDATES else {**settings, "candidates": self.candidates}
 
     @functools.cached_property
     def effective(self) -> dict[str, Any]:
@@ -152,13 +173,14 @@ class Variant:
         content as before SFT/ORPO/SimPO joined, so earlier variants' files keep their names."""
         from align.data.records import content_hash
 
-        return "settings-" + content_hash({key: self.effective[key] for key in ("pairs", *VARIANT_TRAINERS)}, 8)
+        return "settings-" + content_hash(
+            self._with_count({key: self.effective[key] for key in ("pairs", *VARIANT_TRAINERS)}), 8)
 
     @property
     def pairs_tag(self) -> str:
         from align.data.records import content_hash
 
-        return "pairs-" + content_hash(self.effective["pairs"], 8)
+        return "pairs-" + content_hash(self._with_count(self.effective["pairs"]), 8)
 
     @property
     def select_tag(self) -> str:
@@ -166,7 +188,7 @@ class Variant:
         SFT."""
         from align.data.records import content_hash
 
-        return "select-" + content_hash(self.effective["select"], 8)
+        return "select-" + content_hash(self._with_count(self.effective["select"]), 8)
 
     def train_tag(self, method: str) -> str:
         from align.data.records import content_hash
@@ -220,9 +242,10 @@ class Student:
         data = self.variant.select_tag if REGISTRY[self.method].data == "sft.jsonl" else self.variant.pairs_tag
         return work / self.task / data
 
-    def evaluated(self, work: Path) -> bool:
-        """Whether both of its evaluations (sampled and greedy) are in the work dir."""
-        return all((self.folder(work) / "eval" / self.name / d / "metrics.json").exists() for d in ("sample", "greedy"))
+    def evaluated(self, work: Path, samples: int = SAMPLES_PER_PROMPT) -> bool:
+        """Whether both of its evaluations (sampled, ``samples`` answers per prompt, and greedy) are in the work dir."""
+        return all((self.folder(work) / "eval" / self.name / d / "metrics.json").exists()
+                   for d in (sampled_eval(samples), "greedy"))
 
 
 def load_tasks(path: Path = TASKS_FILE) -> list[Task]:
@@ -283,11 +306,11 @@ def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
     folder = work / task.name
     folder.mkdir(parents=True, exist_ok=True)
     train_prompts, heldout_prompts = split_prompts(task, folder)
-    candidates = folder / "candidates.jsonl"
-    generate(model=MODEL, prompts=train_prompts, output=candidates, num_candidates=CANDIDATES,
+    candidates = folder / f"candidates{variant.candidates_suffix}.jsonl"
+    generate(model=MODEL, prompts=train_prompts, output=candidates, num_candidates=variant.candidates,
              system_prompt=task.teacher_system_prompt, temperature=1.0, top_p=0.95, max_new_tokens=CANDIDATE_TOKENS,
              seed=0, progress=False)
-    judgements = folder / "judgements.jsonl"
+    judgements = folder / f"judgements{variant.candidates_suffix}.jsonl"
     if not judgements.exists():
         label_rules(candidates, task.rules, judgements)
     data = folder / variant.pairs_tag
@@ -372,7 +395,8 @@ def rounds_config(student: Student, work: Path, budget: dict[str, Any]) -> Any:
     return PipelineConfig(
         run_dir=student.folder(work) / "rounds" / student.name, seed=budget["seed"], rounds=method.rounds,
         teacher_share=ROUND_TEACHER_SHARE,
-        generate={"model": MODEL, "prompts": str(task_dir / "train_prompts.jsonl"), "num_candidates": CANDIDATES,
+        generate={"model": MODEL, "prompts": str(task_dir / "train_prompts.jsonl"),
+                  "num_candidates": student.variant.candidates,
                   "system_prompt": task.teacher_system_prompt, "temperature": 1.0, "top_p": 0.95,
                   "max_new_tokens": CANDIDATE_TOKENS, "progress": False},
         label={"rules": task.rules}, pairs=dict(student.variant.pairs),
@@ -407,16 +431,17 @@ def _train_plain_trl(pairs: Path, run_dir: Path, seed: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_student(student: Student, work: Path) -> dict[str, Any]:
-    """``align eval`` of one student against the reference, sampled and greedy; the reference's answers are shared."""
+def evaluate_student(student: Student, work: Path, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    """``align eval`` of one student against the reference, sampled (``samples`` answers per prompt) and greedy; the
+    reference's answers are shared."""
     from align.eval import EvalConfig, run_eval
 
     folder = student.folder(work)
     task = next(t for t in load_tasks() if t.name == student.task)
     out: dict[str, Any] = {"task": student.task, "method": student.method, "seed": student.seed}
-    for decoding, k in (("sample", SAMPLES_PER_PROMPT), ("greedy", 1)):
-        eval_dir = folder / "eval" / student.name / decoding
-        shared = work / student.task / f"reference-{decoding}.jsonl"  # the same for every variant
+    for decoding, k, name in (("sample", samples, sampled_eval(samples)), ("greedy", 1, "greedy")):
+        eval_dir = folder / "eval" / student.name / name
+        shared = work / student.task / f"reference-{name}.jsonl"  # the same for every variant
         config = EvalConfig(model=str(folder / "runs" / student.name), reference=MODEL,
                             prompts=work / student.task / "heldout_prompts.jsonl", output_dir=eval_dir, judge=task.rules,
                             max_new_tokens=EVAL_TOKENS, samples_per_prompt=k, decoding=decoding, seed=0,
@@ -489,7 +514,8 @@ def plan_methods(asked: str | None, quick: bool) -> tuple[tuple[str, ...], tuple
 
 
 def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...], work: Path, jobs: int,
-            variant: Variant, prepare_only: bool = False, report: tuple[str, ...] = ()) -> dict[str, Any]:
+            variant: Variant, prepare_only: bool = False, report: tuple[str, ...] = (),
+            samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
     """Train and evaluate ``methods``; students of ``report`` already evaluated in ``work`` join the results
     (read from their files: nothing of theirs trains or evaluates)."""
     students = students_of(tasks, methods, seeds, variant)
@@ -509,9 +535,9 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
         if prepare_only:
             return {"prepared": prepared}
         earlier = students_of(tasks, report, seeds, variant)
-        finished = [s for s in earlier if s.evaluated(work)]
+        finished = [s for s in earlier if s.evaluated(work, samples)]
         if earlier:
-            missing = [f"{s.task}/{s.name}" for s in earlier if not s.evaluated(work)]
+            missing = [f"{s.task}/{s.name}" for s in earlier if not s.evaluated(work, samples)]
             print(f"  reporting {len(finished)} students evaluated earlier in {work} beside them"
                   + (f"; not evaluated there, left out: {', '.join(missing)}" if missing else ""),
                   file=sys.stderr, flush=True)
@@ -520,7 +546,7 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
         timings["training"] = time.time() - t0
         t0 = time.time()
         everyone = students + finished
-        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work) for s in everyone], "evaluated",
+        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work, samples) for s in everyone], "evaluated",
                               everyone)
         timings["evaluation"] = time.time() - t0
     timings["total"] = time.time() - started
@@ -550,6 +576,11 @@ def main() -> None:
                              "SFT, ORPO and SimPO keep align's defaults)")
     parser.add_argument("--pairs", dest="pairs_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a build_pairs setting to try, e.g. strategy=all-pairs")
+    parser.add_argument("--candidates", type=int, default=CANDIDATES,
+                        help=f"the teacher's candidates per training prompt (default {CANDIDATES})")
+    parser.add_argument("--samples-per-prompt", type=int, default=SAMPLES_PER_PROMPT,
+                        help=f"sampled answers per held-out prompt and model (default {SAMPLES_PER_PROMPT}); more "
+                             "narrow the intervals where one answer's score is mostly chance")
     parser.add_argument("--prepare-only", action="store_true", help="candidates, labels, pairs and SFT rows only")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 thread each when > 1)")
     parser.add_argument("--work", type=Path, help="work dir (default: /tmp/align-quality[-quick]); reused if present")
@@ -566,15 +597,18 @@ def main() -> None:
 
     from quality_report import summarise, write_outputs
 
-    variant = Variant(tuple(_key_values(args.train_set)), tuple(_key_values(args.pairs_set)))
+    variant = Variant(tuple(_key_values(args.train_set)), tuple(_key_values(args.pairs_set)), args.candidates)
     if not variant.is_defaults and not args.out:
         out = out.with_name(f"{out.stem}-{variant.tag}.json")
-    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only, report)
+    if args.samples_per_prompt != SAMPLES_PER_PROMPT and not args.out:
+        out = out.with_name(f"{out.stem}-{sampled_eval(args.samples_per_prompt)}.json")
+    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only, report, args.samples_per_prompt)
     if args.prepare_only:
         return
     summary = summarise(run["students"], seed=0)
-    meta = {"model": MODEL, "steps": STEPS, "batch": BATCH, "candidates": CANDIDATES, "seeds": list(seeds),
-            "train_prompts": TRAIN_PROMPTS, "heldout_prompts": HELDOUT_PROMPTS, "samples_per_prompt": SAMPLES_PER_PROMPT,
+    meta = {"model": MODEL, "steps": STEPS, "batch": BATCH, "candidates": args.candidates, "seeds": list(seeds),
+            "train_prompts": TRAIN_PROMPTS, "heldout_prompts": HELDOUT_PROMPTS,
+            "samples_per_prompt": args.samples_per_prompt,
             "tasks": {t.name: t.kind for t in tasks}, "methods": list(methods),
             "reported_from_work_dir": run["reported"], "jobs": args.jobs,
             "variant": {"tag": variant.tag, "train": dict(variant.train), "pairs": dict(variant.pairs)},
