@@ -208,7 +208,7 @@ def test_new_methods_run_later_are_compared_with_the_random_control_evaluated_ea
     assert row["gain"] == pytest.approx(0.2) and row["vs_random"] == pytest.approx(0.2)
 
 
-def test_an_eval_with_more_samples_per_prompt_has_its_own_folder_and_reference_answers(tmp_path: Path) -> None:
+def test_an_eval_with_more_samples_per_prompt_has_its_own_folders(tmp_path: Path) -> None:
     student = Student("warm", "align-dpo", 0)
     fake_evaluation(student, tmp_path, {"q1": 0.1, "q2": 0.3})  # the suite's K
     assert student.evaluated(tmp_path) and not student.evaluated(tmp_path, samples=8)
