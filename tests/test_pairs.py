@@ -182,3 +182,21 @@ def test_mixed_labelers_need_a_choice_and_cli_reports_balance(tmp_path: Path) ->
     too_far = runner.invoke(app, ["pairs", "build", str(path), "-o", str(tmp_path / "p2.jsonl"), "--judge", "concise",
                                   "--min-margin", "0.9"])
     assert "wrote 0 pairs" in too_far.output and "1 below the margin" in too_far.output
+
+
+def test_default_keeps_each_prompts_four_widest_pairs_and_zero_keeps_all(tmp_path: Path) -> None:
+    # 6 distinct answers of one prompt: 15 pairs, margins from 0.1 to 0.5 (0.1 steps)
+    texts = ["one apple", "two bananas here", "three cherries now", "four dates today", "five figs fresh", "six"]
+    path = write(tmp_path / "j.jsonl", [pointwise("p", f"r{i}", text, i / 10) for i, text in enumerate(texts)])
+    result = build_pairs(path, tmp_path / "pairs.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert result.pairs == 4
+    # the widest first: 0.5 (r5-r0), then the two of 0.4, then one of 0.3
+    assert [round(r["margin"], 2) for r in rows] == [0.5, 0.4, 0.4, 0.3]
+    assert build_pairs(path, tmp_path / "all.jsonl", max_pairs_per_prompt=0).pairs == 15
+    out = CliRunner().invoke(app, ["pairs", "build", str(path), "-o", str(tmp_path / "cli.jsonl")])
+    assert out.exit_code == 0, out.output
+    assert "wrote 4 pairs from 1 prompts" in out.output
+    out = CliRunner().invoke(app, ["pairs", "build", str(path), "-o", str(tmp_path / "cli-all.jsonl"),
+                                   "--max-pairs-per-prompt", "0"])
+    assert "wrote 15 pairs from 1 prompts" in out.output

@@ -163,6 +163,18 @@ def test_single_stage_configs_keep_their_settings_hashes() -> None:
         assert {stage: stage_settings_hash(config, stage) for stage in expected} == expected, name
 
 
+def test_the_pairs_cap_reruns_all_pairs_only() -> None:
+    """The per-prompt cap (a default since 8 candidates) changes what all-pairs writes, not best-worst's pairs."""
+    quickstart = REPO / "configs" / "quickstart.yaml"  # best-worst
+    best_worst = stage_settings_hash(load_pipeline_config(quickstart), "pairs")
+    assert stage_settings_hash(load_pipeline_config(quickstart, ["pairs.max_pairs_per_prompt=2"]),
+                               "pairs") == best_worst
+    every = stage_settings_hash(load_pipeline_config(quickstart, ["pairs.strategy=all-pairs"]), "pairs")
+    capped = stage_settings_hash(load_pipeline_config(quickstart, ["pairs.strategy=all-pairs",
+                                                                   "pairs.max_pairs_per_prompt=2"]), "pairs")
+    assert len({best_worst, every, capped}) == 3
+
+
 def test_the_shipped_chain_config_validates_with_an_sft_then_a_dpo_link() -> None:
     config = load_pipeline_config(REPO / "configs" / "pipeline-sft-dpo.yaml", ["train.1.max_steps=3"])
     check_sections(config)

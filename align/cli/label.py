@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from align.cli.options import text_or_file_option
-from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
+from align.data.pairs import DEFAULT_MAX_PAIRS_PER_PROMPT, DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
 
 app = typer.Typer(help="Label candidates automatically: rules, an LLM judge; agreement between labelers.",
                   no_args_is_help=True)
@@ -116,7 +116,8 @@ def build(
     near_duplicate: float = typer.Option(0.9, "--near-duplicate", help="Word-set Jaccard at which two answers "
                                                                          "count as the same (no pair)."),
     seed: int = typer.Option(0, "--seed", help="Seed for random-pair."),
-    max_pairs_per_prompt: int = typer.Option(None, "--max-pairs-per-prompt", help="Cap for all-pairs."),
+    max_pairs_per_prompt: int = typer.Option(DEFAULT_MAX_PAIRS_PER_PROMPT, "--max-pairs-per-prompt",
+                                             help="all-pairs keeps each prompt's widest N (0: every pair)."),
     judge_name: str = typer.Option(None, "--judge", help="Use this labeler's judgements when a file mixes several."),
     unpaired: Path = typer.Option(None, "--unpaired", help="Also write KTO rows (prompt/completion/label) here."),
     unpaired_by: str = typer.Option("rank", "--unpaired-by", help="rank (top vs bottom per prompt) or threshold."),

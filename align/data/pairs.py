@@ -14,7 +14,8 @@ near-duplicates. Strategies:
 
 * ``best-worst``: the eligible pair with the largest margin (the best against
   the worst, unless they are near-duplicates); one per prompt.
-* ``all-pairs``: every eligible pair, largest margin first (``max_pairs_per_prompt`` caps it).
+* ``all-pairs``: every eligible pair, largest margin first; ``max_pairs_per_prompt`` (default 4, 0: no cap)
+  keeps each prompt's widest.
 * ``random-pair``: one eligible pair drawn at random, seeded per prompt id
   (the same seed gives the same pairs whatever the file order).
 
@@ -57,9 +58,13 @@ STRATEGIES: tuple[str, ...] = ("best-worst", "all-pairs", "random-pair")
 # The defaults of `align pairs build`, the pipeline and build_pairs, in one place. All pairs (not only the best
 # against the worst) because a short run on few prompts otherwise repeats a handful of pairs until it has
 # learnt them by heart: on the quality suite, 48 prompts gave 34-48 best-worst pairs (5 epochs in 40 steps of 4,
-# held-out reward accuracy no better than chance) and 156-271 pairs with all-pairs (about one epoch).
+# held-out reward accuracy no better than chance) and 156-271 pairs from all pairs of 4 candidates (about one
+# epoch). But all pairs of 8 candidates (align generate's default) are 686-1251 per task, most of them between
+# two middling answers; each prompt keeps its 4 of largest margin (152-192 pairs on the suite, one epoch of 40
+# steps of 4), so every prompt's best and worst answers are in them. 0 or None keeps every pair.
 DEFAULT_STRATEGY: Strategy = "all-pairs"
 DEFAULT_MIN_MARGIN = 0.0
+DEFAULT_MAX_PAIRS_PER_PROMPT = 4
 TIE_EPSILON = 1e-9  # score differences this small are ties (float noise)
 
 # ----------------------------------------------------------------------------- KTO class balance (KTO paper, Eq. 8)
@@ -358,7 +363,7 @@ class PairsResult:
 
 def build_pairs(judgements_path: str | Path, output: str | Path, *, strategy: str = DEFAULT_STRATEGY,
                 min_margin: float = DEFAULT_MIN_MARGIN, near_duplicate: float = 0.9, seed: int = 0,
-                max_pairs_per_prompt: int | None = None, judge: str | None = None,
+                max_pairs_per_prompt: int | None = DEFAULT_MAX_PAIRS_PER_PROMPT, judge: str | None = None,
                 unpaired: str | Path | None = None, unpaired_by: str = "rank", desirable_min: float | None = None,
                 undesirable_max: float | None = None) -> PairsResult:
     """Read judgements, write pairs (and optionally KTO rows); both files are written atomically."""

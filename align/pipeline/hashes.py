@@ -8,7 +8,7 @@ from typing import Any
 from align.data.io import sha256_of
 from align.data.records import content_hash
 from align.errors import ConfigError
-from align.pipeline.config import LabelSection, PipelineConfig
+from align.pipeline.config import LabelSection, PairSettings, PipelineConfig
 from align.pipeline.links import _train_links
 
 
@@ -29,7 +29,7 @@ def stage_settings_hash(config: PipelineConfig, stage: str) -> str:
         settings = config.train[:index]
     else:
         settings = {"generate": config.generate, "label": _label_settings_hashed(config.label),
-                    "pairs": config.pairs.model_dump(mode="json"), "select": config.select.model_dump(mode="json"),
+                    "pairs": _pairs_settings_hashed(config.pairs), "select": config.select.model_dump(mode="json"),
                     "train": config.train, "eval": config.eval,
                     "export": config.export.model_dump(mode="json")}[stage]
     return content_hash({"settings": settings, "seed": config.seed}, 32)
@@ -39,6 +39,15 @@ def _label_settings_hashed(label: LabelSection) -> dict[str, Any]:
     settings, defaults = label.model_dump(mode="json"), LabelSection().model_dump(mode="json")
     return {name: value for name, value in settings.items() if name not in LabelSection.SPEED_ONLY
             and (name in _LABEL_SETTINGS_HASHED_FIRST or value != defaults[name])}
+
+
+def _pairs_settings_hashed(pairs: PairSettings) -> dict[str, Any]:
+    settings = pairs.model_dump(mode="json")
+    # The per-prompt cap (default 4 since the 8-candidate default; None before) changes only what all-pairs
+    # writes: hashed as None for the other strategies, so their run dirs keep their pairs stage.
+    if settings["strategy"] != "all-pairs":
+        settings["max_pairs_per_prompt"] = None
+    return settings
 
 
 def _hash_input(path: Path, stage: str) -> str:
