@@ -20,6 +20,8 @@ from quality import METHODS, QUICK_METHODS, REGISTRY, Student, Variant, _fold_mi
 NEW = ("align-sft", "align-orpo", "align-simpo")
 LR_VARIANT = Variant(train=(("learning_rate", 1e-4),))
 PAIRS_VARIANT = Variant(pairs=(("strategy", "best-worst"),))
+# align's defaults until 8 candidates with each prompt's 4 widest pairs at lr 4e-4 (DPO, KTO) were measured better
+OLD_DEFAULTS = {"train": (("learning_rate", 2e-4),), "pairs": (("max_pairs_per_prompt", 0),), "candidates": 4}
 
 
 def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
@@ -28,8 +30,9 @@ def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
     from align.train import load_train_config
     from align.train.config import PASSES_PER_BATCH_ATTR, build_trl_args
 
-    effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
-                                           **dict(variant.pairs)}}
+    # no per-prompt cap then: a variant that asks for none (0) is named as those runs were
+    pairs = {k: v for k, v in variant.pairs if k != "max_pairs_per_prompt"}
+    effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN, **pairs}}
     for method in ("dpo", "kto"):
         config = load_train_config(method, {"data": "-", "output_dir": "-", **dict(variant.train)})
         args = build_trl_args(config, "-", on_gpu=False, bf16_ok=False)
@@ -43,7 +46,11 @@ def names_before_sft_orpo_simpo(variant: Variant) -> dict[str, Any]:
     return effective
 
 
-@pytest.mark.parametrize("variant", [Variant(), LR_VARIANT, PAIRS_VARIANT], ids=["defaults", "set", "pairs"])
+@pytest.mark.parametrize("variant", [
+    Variant(**OLD_DEFAULTS),
+    Variant(**{**OLD_DEFAULTS, "train": LR_VARIANT.train}),
+    Variant(**{**OLD_DEFAULTS, "pairs": (("max_pairs_per_prompt", 0), ("strategy", "best-worst"))}),
+], ids=["defaults", "set", "pairs"])
 def test_earlier_runs_keep_their_names_so_a_finished_run_is_reused(variant: Variant) -> None:
     from align.data.records import content_hash
 
@@ -83,14 +90,28 @@ def test_sft_reads_the_selected_answers_apart_from_the_pairs_and_orpo_simpo_read
     assert Variant().pairs_tag != PAIRS_VARIANT.pairs_tag
 
 
+def test_the_suite_generates_as_many_candidates_as_align_generate_does() -> None:
+    from align.generate.config import GenerateConfig
+
+    assert quality.CANDIDATES == GenerateConfig(prompts="-", output="-").num_candidates
+    assert Variant(candidates=quality.CANDIDATES) == Variant() and Variant().is_defaults
+
+
+def test_the_variant_measured_before_it_became_the_default_names_the_defaults_runs() -> None:
+    measured = Variant(train=(("learning_rate", 4e-4),), pairs=(("max_pairs_per_prompt", 4),), candidates=8)
+    defaults = Variant()
+    assert (measured.tag, measured.pairs_tag, measured.select_tag) == (defaults.tag, defaults.pairs_tag,
+                                                                        defaults.select_tag)
+    assert all(measured.train_tag(m) == defaults.train_tag(m) for m in METHODS)  # its students are the defaults'
+
+
 def test_another_candidate_count_has_its_own_files_and_runs(tmp_path: Path) -> None:
-    eight, suites = Variant(candidates=8), Variant(candidates=quality.CANDIDATES)
-    assert suites == Variant() and suites.is_defaults and not eight.is_defaults
-    assert (eight.candidates_suffix, suites.candidates_suffix) == ("-8", "")  # candidates-8.jsonl, candidates.jsonl
-    assert len({eight.pairs_tag, suites.pairs_tag}) == len({eight.select_tag, suites.select_tag}) == 2
-    assert eight.tag != suites.tag  # its own results file
+    four, suites = Variant(candidates=4), Variant()
+    assert (suites.candidates_suffix, four.candidates_suffix) == ("-8", "")  # candidates-8.jsonl, candidates.jsonl
+    assert len({four.pairs_tag, suites.pairs_tag}) == len({four.select_tag, suites.select_tag}) == 2
+    assert four.tag != suites.tag and not four.is_defaults  # its own results file
     for method in ("align-dpo", "random", "align-sft"):
-        assert Student("warm", method, 0, eight).folder(tmp_path) != Student("warm", method, 0).folder(tmp_path)
+        assert Student("warm", method, 0, four).folder(tmp_path) != Student("warm", method, 0).folder(tmp_path)
 
 
 def test_each_method_trains_with_its_trainer_on_its_data_within_the_same_budget(
@@ -145,7 +166,7 @@ def test_rounds_are_the_pipeline_with_the_same_data_settings_and_total_steps(
     assert "seed" not in config.train and config.reference == "original" and config.teacher_share == 0.5
     task = next(t for t in quality.load_tasks() if t.name == "caution")
     generate = config.generate  # round 1's candidates: the same settings as every other method's
-    assert (generate["num_candidates"], generate["max_new_tokens"], generate["temperature"]) == (4, 64, 1.0)
+    assert (generate["num_candidates"], generate["max_new_tokens"], generate["temperature"]) == (8, 64, 1.0)
     assert generate["system_prompt"] == task.teacher_system_prompt and config.label.rules == task.rules
     assert Path(generate["prompts"]) == tmp_path / "caution" / "train_prompts.jsonl"
     assert Path(config.eval["reference_answers"]) == tmp_path / "caution" / "reference-greedy.jsonl"

@@ -3,7 +3,7 @@
 For each preference task of ``datasets/quality/tasks.yaml`` (a user-style rules file, training prompts and
 disjoint held-out prompts):
 
-1. the bundled model, prompted with the task's hint, writes 4 candidates per training prompt (up to 48); the rules
+1. the bundled model, prompted with the task's hint, writes 8 candidates per training prompt (up to 48); the rules
    label them; ``align pairs build`` with its defaults makes DPO pairs and KTO rows, and ``align data select``
    with its defaults keeps the best answer per prompt as SFT rows;
 2. students train for a fixed budget (40 optimizer steps of 4, LoRA, 2 CPU cores):
@@ -32,7 +32,7 @@ completes the table, with the random control beside them, instead of replacing i
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
 
 ``--set``/``--pairs`` try other training and pair settings beside the defaults, ``--candidates N`` another number
-of teacher candidates per prompt (its own files beside the suite's 4), ``--samples-per-prompt K`` more sampled
+of teacher candidates per prompt (its own files beside the default 8's), ``--samples-per-prompt K`` more sampled
 answers per held-out prompt (narrower intervals where one answer's score is mostly chance; its own eval folders).
 """
 
@@ -57,7 +57,10 @@ RESULTS = REPO / "scripts" / "bench" / "results"
 MODEL = "bundled:smollm2-135m-instruct"
 
 STEPS, BATCH = 40, 4  # the fixed training budget of every method
-CANDIDATES, CANDIDATE_TOKENS = 4, 64
+CANDIDATES, CANDIDATE_TOKENS = 8, 64  # align generate's default count
+# The count the suite had first (align's default until 8 was measured better): its files and hashes keep the plain
+# names, so the runs cached then keep theirs; any other count is named (candidates-8.jsonl).
+UNNAMED_CANDIDATES = 4
 EVAL_TOKENS = 96  # longer than the candidates: a student that rambles shows as length-cap hits
 
 
@@ -133,23 +136,26 @@ class Variant:
 
     @property
     def candidates_suffix(self) -> str:
-        """Tells the files of another candidate count apart (candidates-8.jsonl); the suite's own count keeps the
-        plain names, and every hash below takes the count only when it is not the suite's, so the runs cached
+        """Tells the files of another candidate count apart (candidates-8.jsonl); the suite's first count keeps the
+        plain names, and every hash below takes the count only when it is not that one, so the runs cached
         before the count could change keep their names."""
-        return "" if self.candidates == CANDIDATES else f"-{self.candidates}"
+        return "" if self.candidates == UNNAMED_CANDIDATES else f"-{self.candidates}"
 
     def _with_count(self, settings: dict[str, Any]) -> dict[str, Any]:
-        return settings if self.candidates == CANDIDATES else {**settings, "candidates": self.candidates}
+        return settings if self.candidates == UNNAMED_CANDIDATES else {**settings, "candidates": self.candidates}
 
     @functools.cached_property
     def effective(self) -> dict[str, Any]:
         """The settings each step takes effect with: align's defaults overlaid with the variant's."""
-        from align.data.pairs import DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
+        from align.data.pairs import DEFAULT_MAX_PAIRS_PER_PROMPT, DEFAULT_MIN_MARGIN, DEFAULT_STRATEGY
         from align.train import load_train_config
         from align.train.config import PASSES_PER_BATCH_ATTR, build_trl_args
 
-        effective: dict[str, Any] = {"pairs": {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
-                                               **dict(self.pairs)}}
+        pairs = {"strategy": DEFAULT_STRATEGY, "min_margin": DEFAULT_MIN_MARGIN,
+                 "max_pairs_per_prompt": DEFAULT_MAX_PAIRS_PER_PROMPT, **dict(self.pairs)}
+        # no cap (0 or None, every pair) is named as before the cap became a default, so those runs keep their names
+        effective: dict[str, Any] = {"pairs": {k: v for k, v in pairs.items()
+                                               if k != "max_pairs_per_prompt" or v}}
         for method in ("dpo", "kto", "sft", "orpo", "simpo"):
             settings = dict(self.train) if method in VARIANT_TRAINERS else {}
             config = load_train_config(method, {"data": "-", "output_dir": "-", **settings})
