@@ -14,7 +14,7 @@ def generate(
     model: str = typer.Option(None, "--model", "-m", help="Teacher: bundled:NAME, a model folder, a hub id, "
                                                           "or the served model name (openai backend)."),
     prompts: Path = typer.Option(None, "--prompts", "-p", help="Prompts JSONL: {\"id\", \"prompt\"} per line."),
-    num_candidates: int = typer.Option(None, "--num-candidates", "-n", help="Candidates per prompt [4]."),
+    num_candidates: int = typer.Option(None, "--num-candidates", "-n", help="Candidates per prompt [8]."),
     output: Path = typer.Option(None, "--output", "-o", help="Candidates JSONL (appended; reruns resume)."),
     temperature: float = typer.Option(None, "--temperature", help="Sampling temperature; 0 = greedy [0.8]."),
     top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass [0.95]."),

@@ -38,7 +38,13 @@ class GenerateConfig(StrictConfig):
     prompts: Path
     output: Path
     model: str = DEFAULT_MODEL
-    num_candidates: int = Field(4, ge=1)
+    # 8, not 4: even hinted, the bundled teacher rarely does what a rule asks (of its candidates 16% point to a
+    # professional, 8% are laid out as points, 15% give an example). 4 candidates give 47%, 23% and 42% of such
+    # tasks' prompts at least one answer that does, 8 give 57%, 33% and 60%; on the quality suite DPO beat the
+    # random-label control on 4 tasks of 5 with 8 candidates, on 1 with 4 (README). It doubles teacher time, and
+    # a pairwise judge (`align label judge`'s default mode) compares 28 pairs per prompt instead of 6: `-n 4` or
+    # `--mode pointwise` where judge time counts more than the preference's reach.
+    num_candidates: int = Field(8, ge=1)
     # The first N prompts of the file only (a quick trial); raising it later answers the rest.
     max_prompts: int | None = Field(None, ge=1)
     backend: Literal["transformers", "vllm", "openai"] = "transformers"
