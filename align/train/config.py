@@ -277,34 +277,37 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       rest (align.train.speedups.recompute): less memory, but slower steps on a CPU, so it
       is off unless asked for.
     - CPU needs fp32 (``use_cpu``, no bf16); a GPU gets bf16 and TF32.
-    - Learning rate and DPO loss were chosen on the quality suite (scripts/bench/quality.py: held-out
-      prompts, rules nobody tuned for, beside a random-label control), 40 LoRA steps of 4 on the bundled
-      135M model. The old default, lr 5e-5 with one best-vs-worst pair per prompt, fit its training pairs
-      (train reward accuracy 1.0) and moved held-out answers no more than random labels did: rule score
-      +0.045 (95% CI 0.008-0.081) vs random +0.019 on the concise task, +0.004 vs +0.014 on the caution task,
-      KL 0.002-0.005 per token. lr 2e-4 with all pairs per prompt (align.data.pairs.DEFAULT_STRATEGY) and
-      TRL's ``sft`` term beside the sigmoid loss (RPO, https://arxiv.org/abs/2404.19733: the NLL of the chosen
-      answer keeps the student writing answers like the good ones, not only further from the bad ones):
-      on the suite's five tasks (scripts/bench/results/quality.json, 3 seeds) DPO moved held-out answers on
-      concise +0.132 (random labels +0.089; paired advantage +0.042, CI 0.020-0.068), caution +0.052 (random
-      +0.044), example +0.037, list +0.032, warm +0.014, at KL 0.015-0.071 per token and never longer answers:
-      beyond random labels on concise only (the README's quality section has the table). TRL's own 1e-6
-      barely moves a LoRA adapter (KL 0.000 per token, gains within +-0.015 on every task).
-      KTO takes the same 2e-4 (it had 5e-5): on the same run KTO at 2e-4 moved concise +0.136 (random labels
-      +0.089) and warm +0.049 (random -0.013) at KL <= 0.1 per token and length <= 1.0x the reference. At 5e-5 (issue 15's trial, not re-run on the suite) it moved held-out answers
-      +0.065, about what random labels did.
+    - Learning rate and DPO loss were chosen on the quality suite (scripts/bench/quality.py: held-out prompts,
+      rules nobody tuned for, beside a random-label control), 40 LoRA steps of 4 on the bundled 135M model. The
+      first default, lr 5e-5 with one best-vs-worst pair per prompt, fit its training pairs (train reward accuracy
+      1.0) and moved held-out answers no more than random labels did (rule score +0.045 vs +0.019 on concise,
+      +0.004 vs +0.014 on caution; KL 0.002-0.005 per token). TRL's ``sft`` term beside the sigmoid loss (RPO,
+      https://arxiv.org/abs/2404.19733: the NLL of the chosen answer keeps the student writing answers like the
+      good ones, not only further from the bad ones) kept the held-out score from falling where the sigmoid loss
+      alone lowered it (caution -0.036). lr 2e-4 on all pairs of 4 candidates beat random labels on concise only
+      (scripts/bench/results/quality-settings-4-candidates-all-pairs-lr-2e-4.json); at 2e-4 the 4 widest pairs of
+      8 candidates did no better (mean gain +0.054 against +0.056). At 4e-4 on them (align generate's and align
+      pairs build's defaults) DPO beat random labels on all five tasks (scripts/bench/results/quality.json, 3
+      seeds: concise +0.156 against random labels' +0.065, caution +0.091 against +0.044, list +0.087 against
+      -0.002, example +0.061 against -0.006, warm +0.048 against +0.015; every paired advantage's interval above
+      0), at KL 0.10-0.13 per token and shorter answers (0.55-0.87x). TRL's own 1e-6 barely moves a LoRA adapter
+      (KL 0.000 per token). KTO takes DPO's rate: at 4e-4 on the same candidates' rows it beat random labels on
+      concise and example, not on caution, list or warm (at 2e-4 on 4 candidates: concise and warm); the README
+      says so.
     - SFT, ORPO and SimPO have no reference. SFT's loss is on completion tokens only (TRL decides that from the
-      data's shape; set here so ``trl_args.json`` says it) at the same LoRA rate, or TRL's 2e-5 for a full
+      data's shape; set here so ``trl_args.json`` says it) at 2e-4 with LoRA, or TRL's 2e-5 for a full
       fine-tune. SimPO is CPO's trainer with ``loss_type: simpo`` and no behaviour-cloning term (``cpo_alpha``
       0) at SimPO's beta 2.0 and target margin gamma 1.0 (gamma/beta 0.5; Meng et al. 2024,
       https://arxiv.org/abs/2405.14734): its rewards are mean per-token log-probs, so TRL's beta 0.1 would
-      barely separate them. ORPO keeps TRL's beta (its lambda) of 0.1, the paper's. Their LoRA rate is DPO's; on
-      the quality suite (concise and caution, seed 0) neither cleared the random-label control on caution,
-      and SimPO's concise gain came at 3.5x DPO's KL per token (README, SFT/ORPO/SimPO subsection).
+      barely separate them. ORPO keeps TRL's beta (its lambda) of 0.1, the paper's. Their LoRA rate is 2e-4,
+      DPO's when they were measured (not re-run at 4e-4): on the quality suite (concise and caution, seed 0)
+      neither cleared the random-label control on caution, and SimPO's concise gain came at 3.5x DPO's KL
+      per token (README, SFT/ORPO/SimPO subsection).
     - The rest as every align trainer has it (:func:`run_defaults`).
     """
     full_finetune_rate = 2e-5 if method == "sft" else 5e-6
-    defaults: dict[str, Any] = {**run_defaults(), "learning_rate": 2e-4 if lora else full_finetune_rate}
+    lora_rate = 4e-4 if method in REFERENCE_METHODS else 2e-4
+    defaults: dict[str, Any] = {**run_defaults(), "learning_rate": lora_rate if lora else full_finetune_rate}
     if method in REFERENCE_METHODS:
         defaults["precompute_ref_log_probs"] = True
     if on_gpu:
