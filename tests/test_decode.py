@@ -3,7 +3,8 @@
 
 The tokens were recorded on CPU with torch 2.13 from the tiny random model (seed 0). Its near-uniform
 distribution makes a sampled token depend on float rounding that other torch builds or devices may do
-differently, so elsewhere these tests are skipped rather than wrong.
+differently, so elsewhere these tests are skipped rather than wrong; where two CPUs of the same build round a
+near-tie apart, both recordings are kept (PINNED_ON_ANOTHER_CPU).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ PINNED = [
     [23311, 45077, 21216, 21174, 23725, 39591, 20787, 47210, 11178, 35019],
     [25347, 18219, 4089, 4089, 43728, 4089, 18219, 21478, 21478, 21478],
 ]
+# Recorded again on another CPU of the machines this suite runs on (a Xeon with AVX-512 FP16 and AMX, same torch
+# 2.13 build): one near-tie, row 10's 8th token, rounds the other way there and the row goes on differently. A row
+# passes with either recording; any other tokens fail.
+PINNED_ON_ANOTHER_CPU = {10: [27856, 27324, 10860, 14855, 32154, 6420, 30974, 14496, 26262, 8378]}
 # Top-k 5 rows, seeds 1000 * p + 3, eos the real one, stop strings "Tibetan" / "oda", in batches of 2.
 PINNED_STOPPED = [
     ([198, 198, 10060, 10060, 6388, 6388, 32430, 23703, 32430, 26743], LONG),
@@ -56,13 +61,19 @@ def prompts_of(engine) -> list[list[int]]:
     return [engine.encode([{"role": "user", "content": "hi " * n}]) for n in (1, 6, 3, 9)]
 
 
+def assert_pinned(token_ids: list[list[int]]) -> None:
+    assert len(token_ids) == len(PINNED)
+    for row, (got, recorded) in enumerate(zip(token_ids, PINNED)):
+        assert got in (recorded, PINNED_ON_ANOTHER_CPU.get(row)), f"row {row}: {got}, recorded {recorded}"
+
+
 @pytest.mark.parametrize("batch_size", [None, 5, 3])
 def test_seeded_rows_give_the_pinned_tokens_in_any_batch(engine, batch_size: int | None) -> None:
     """One batch; 5 rows (prompts wait and join a running batch); 3 (a prompt's 4 rows still go in whole)."""
     rows = [RowRequest(p, s, 1000 * p + i) for p in range(4) for i, s in enumerate(SETTINGS)]
     outputs = generate_rows(engine.model, prompts_of(engine), rows, max_new_tokens=10, eos_token_ids=[NEWLINE],
                             pad_token_id=engine.pad_token_id, logprobs=2, batch_size=batch_size)
-    assert [o.token_ids for o in outputs] == PINNED
+    assert_pinned([o.token_ids for o in outputs])
     assert [o.finish_reason for o in outputs] == ["stop" if t == [NEWLINE] else LONG for t in PINNED]
     for out in outputs:
         assert [e["token_id"] for e in out.logprobs] == out.token_ids
