@@ -42,9 +42,8 @@ class GenerateConfig(StrictConfig):
     # professional, 8% are laid out as points, 15% give an example). 4 candidates give 47%, 23% and 42% of such
     # tasks' prompts at least one answer that does, 8 give 57%, 33% and 60%; on the quality suite (lr 4e-4, each
     # prompt's 4 widest pairs) DPO beat the random-label control on 5 tasks of 5 with 8 candidates (3 seeds), on 2
-    # with 4 (seed 0; README). It doubles teacher time, and
-    # a pairwise judge (`align label judge`'s default mode) compares 28 pairs per prompt instead of 6: `-n 4` or
-    # `--mode pointwise` where judge time counts more than the preference's reach.
+    # with 4 (seed 0; README). It doubles teacher time, and a pairwise judge (`align label judge`'s default mode)
+    # compares 28 pairs per prompt instead of 6: `-n 4` or `--mode pointwise` where judge time counts more.
     num_candidates: int = Field(8, ge=1)
     # The first N prompts of the file only (a quick trial); raising it later answers the rest.
     max_prompts: int | None = Field(None, ge=1)
