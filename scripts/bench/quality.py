@@ -31,7 +31,8 @@ completes the table, with the random control beside them, instead of replacing i
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~20 min
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
 
-``--set``/``--pairs`` try other training and pair settings beside the defaults, ``--candidates N`` another number
+``--set``/``--pairs`` try other training and pair settings beside the defaults (``--set kto.beta=0.2``: KTO's
+only; unprefixed ones apply to DPO, KTO and the random control), ``--candidates N`` another number
 of teacher candidates per prompt (its own files beside the default 8's), ``--samples-per-prompt K`` more sampled
 answers per held-out prompt (narrower intervals where one answer's score is mostly chance; its own eval folders).
 """
@@ -126,9 +127,21 @@ class Task:
 class Variant:
     """Settings under test on top of align's defaults (none: the defaults themselves), for choosing defaults."""
 
-    train: tuple[tuple[str, Any], ...] = ()  # align train dpo/kto key=value (also the random control's)
+    # align train dpo/kto key=value (also the random control's); "kto.beta" or "dpo.beta": that trainer only
+    train: tuple[tuple[str, Any], ...] = ()
     pairs: tuple[tuple[str, Any], ...] = ()  # build_pairs keyword arguments
     candidates: int = CANDIDATES  # the teacher's candidates per training prompt
+
+    def settings_for(self, trainer: str) -> dict[str, Any]:
+        """The variant's training settings that ``trainer`` (dpo or kto) takes: the unprefixed ones and its own."""
+        settings = {}
+        for key, value in self.train:
+            prefix, dot, name = key.rpartition(".")
+            if dot and prefix not in VARIANT_TRAINERS:
+                raise SystemExit(f"--set {key}: a prefix names one of {', '.join(VARIANT_TRAINERS)}")
+            if prefix in ("", trainer):
+                settings[name] = value
+        return settings
 
     @property
     def is_defaults(self) -> bool:
@@ -157,7 +170,7 @@ class Variant:
         effective: dict[str, Any] = {"pairs": {k: v for k, v in pairs.items()
                                                if k != "max_pairs_per_prompt" or v}}
         for method in ("dpo", "kto", "sft", "orpo", "simpo"):
-            settings = dict(self.train) if method in VARIANT_TRAINERS else {}
+            settings = self.settings_for(method) if method in VARIANT_TRAINERS else {}
             config = load_train_config(method, {"data": "-", "output_dir": "-", **settings})
             args = build_trl_args(config, "-", on_gpu=False, bf16_ok=False)
             trl_args = json.loads(args.to_json_string())
@@ -363,7 +376,7 @@ def train_student(student: Student, work: Path) -> str:
     if method.trainer in REFERENCE_METHODS:
         budget["ref_cache_dir"] = str(work / "ref-cache")
     if method.variant_applies:
-        budget.update(student.variant.train)
+        budget.update(student.variant.settings_for(method.trainer))
     if method.rounds > 1:
         _train_rounds(student, work, budget, run_dir)
         return str(run_dir)
@@ -579,7 +592,8 @@ def main() -> None:
     parser.add_argument("--seeds", help="DPO seeds, e.g. 0,1,2")
     parser.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting to try instead of align's default (align-dpo, align-kto, random; "
-                             "SFT, ORPO and SimPO keep align's defaults)")
+                             "SFT, ORPO and SimPO keep align's defaults); kto.KEY=VALUE or dpo.KEY=VALUE: that "
+                             "trainer only (dpo: also the random control's)")
     parser.add_argument("--pairs", dest="pairs_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a build_pairs setting to try, e.g. strategy=all-pairs")
     parser.add_argument("--candidates", type=int, default=CANDIDATES,
