@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from align.train.diagnosis import DRIFT_BUDGET, chance_spread, diagnose, gain_needed, training_fit
-from align.train.heldout import margin_accuracy, pairwise_accuracy
+from align.train.heldout import (margin_accuracy, margin_in_standard_errors, pairwise_accuracy,
+                                 reward_gap_in_standard_errors, standard_errors_above_zero)
 
 
 def _steps(accuracies: list[float], margins: list[float] | None = None) -> list[dict]:
@@ -96,6 +97,57 @@ def test_the_bar_is_what_chance_reaches_one_time_in_twenty() -> None:
                     heldout={"pairs": 5}).verdict == "generalised"
     assert gain_needed({"pairs": 5000}) == 0.05  # on many pairs the floor holds
     assert gain_needed({}) == 0.05  # size unknown: the floor alone
+
+
+def test_a_heldout_margin_clear_of_chance_counts_where_the_accuracy_alone_would_not() -> None:
+    # The quality suite's warm task: 0.50 -> 0.62 on 32 pairs is under the accuracy's chance bar (+0.15)
+    after = {"rewards/accuracies": 0.62, "rewards/margins": 0.16}
+    assert diagnose(BEFORE, after, MEMORISING, heldout={"pairs": 32}).verdict == "memorised"
+    clear = diagnose(BEFORE, {**after, "rewards/margin_z": 2.4}, MEMORISING, heldout={"pairs": 32})
+    assert clear.verdict == "generalised" and clear.warnings == []
+    assert clear.figures["heldout"]["rewards/margin_z"] == 2.4 and "it is 2.40" in clear.notes[0]
+    within = diagnose(BEFORE, {**after, "rewards/margin_z": 1.2}, MEMORISING, heldout={"pairs": 32})
+    assert within.verdict == "memorised" and "1.645 standard errors above 0; it is 1.20" in within.warnings[0]
+    # a margin clear of chance is not enough when the accuracy barely rose (a few pairs far right, most not)
+    few = {"rewards/accuracies": 0.53, "rewards/margins": 0.3, "rewards/margin_z": 3.0}
+    assert diagnose(BEFORE, few, MEMORISING, heldout={"pairs": 32}).verdict == "memorised"
+
+
+@pytest.mark.parametrize("kind, prompts, per_prompt", [("dpo", 8, 4), ("dpo", 12, 3), ("kto", 8, (2, 2)),
+                                                        ("kto", 12, (1, 2))])
+def test_a_margin_of_rewards_that_know_nothing_clears_the_bar_one_time_in_twenty(kind: str, prompts: int,
+                                                                                 per_prompt: object) -> None:
+    rng = random.Random(0)
+    cleared = 0
+    for _ in range(4000):
+        if kind == "dpo":
+            keys = [f"p{i}" for i in range(prompts) for _ in range(per_prompt)]
+            z = margin_in_standard_errors([rng.gauss(0, 1) for _ in keys], keys)
+        else:
+            good, bad = per_prompt
+            rows = [(f"p{i}", label) for i in range(prompts) for label in [True] * good + [False] * bad]
+            z = reward_gap_in_standard_errors([rng.gauss(0, 1) for _ in rows], [d for _, d in rows],
+                                              [p for p, _ in rows])
+        cleared += z is not None and z >= 1.645
+    # one value per prompt: a t statistic on few values has heavier tails than the normal bar assumes (8 prompts
+    # clear it about 7% of the time)
+    assert 0.035 <= cleared / 4000 <= (0.085 if prompts < 10 else 0.07)
+
+
+def test_margins_in_standard_errors_count_each_prompt_once() -> None:
+    assert standard_errors_above_zero([1.0, 2.0, 3.0]) == pytest.approx(2.0 / (1.0 / math.sqrt(3)))
+    assert standard_errors_above_zero([0.5]) is None and standard_errors_above_zero([0.2, 0.2]) is None
+    # a prompt's pairs share answers: four copies of one margin are one value, not four
+    margins = [1.0] * 4 + [-0.5] * 4 + [0.8] * 4
+    keys = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    assert margin_in_standard_errors(margins, keys) == pytest.approx(standard_errors_above_zero([1.0, -0.5, 0.8]))
+    assert margin_in_standard_errors(margins, keys) < standard_errors_above_zero(margins) / 1.8
+    # KTO: each prompt's desirable mean minus its undesirable mean; a prompt with one kind only gives nothing
+    rewards = [1.0, 2.0, 0.0, 0.5, -1.0, 3.0, 0.3, 0.1]
+    labels = [True, True, False, True, False, True, True, False]
+    keys = ["a", "a", "a", "b", "b", "c", "d", "d"]
+    assert reward_gap_in_standard_errors(rewards, labels, keys) == pytest.approx(
+        standard_errors_above_zero([1.5 - 0.0, 0.5 + 1.0, 0.3 - 0.1]))
 
 
 @pytest.mark.parametrize("heldout", [{"pairs": 9}, {"pairs": 30}, {"desirable": 6, "undesirable": 10},

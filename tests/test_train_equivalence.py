@@ -130,6 +130,13 @@ def test_eval_rewards_read_from_trls_forward_equal_a_separate_pass(method: str, 
         assert [d for _, d in read] == labels == [row["label"] for row in rows[8:]]
         assert any(abs(r) > 1e-3 for r in rewards)
     assert evaluate_with_accuracy(trainer, tie_tolerance=0.0)[1] is not None
+    if method == "dpo":  # the margin in standard errors counts each prompt once, in the eval dataset's order
+        from align.train.heldout import margin_in_standard_errors
+
+        keys = ["a", "a", "b", "c"]
+        _, _, margin_z = evaluate_with_accuracy(trainer, tie_tolerance=0.0, prompts=keys)
+        assert margin_z == pytest.approx(margin_in_standard_errors(separate, keys), rel=1e-3)
+        assert evaluate_with_accuracy(trainer, tie_tolerance=0.0, prompts=keys[:3])[2] is None  # not one each
 
 
 # ----------------------------------------------------------------------------- micro-batches and the sft term

@@ -4,8 +4,8 @@ Read from what every run already has: TRL's training log (``metrics.jsonl``) and
 before and after training (:mod:`align.train.heldout`: reward accuracy with ties counted half, TRL's mean
 margins and log-probs). Each rule is a small pure function; :func:`diagnose` runs them all.
 
-- memorised: the student fit its training pairs, yet its held-out reward accuracy rose no more than chance
-  moves it (or its held-out margin did not rise).
+- memorised: the student fit its training pairs, yet on the held-out ones neither its reward accuracy nor its
+  margin rose past chance (or the margin did not rise, or the accuracy rose under ``MIN_GAIN``).
 - drift: the held-out answers' log-probs moved more than ``DRIFT_BUDGET`` nats per token from the start.
 
 A figure that is missing (nothing held out, a loss that logs no margins, no token counts) skips its rule and
@@ -34,6 +34,12 @@ FIT_MARGIN = math.log(3)
 # held-out set (on 5 pairs, the auto slice of a 24-pair file, only a perfect score clears it; on 40 pairs, +0.13).
 # From about 270 DPO pairs on, the floor takes over: a gain under 0.05 is not what fitting the training pairs
 # should buy. Pairs are treated as independent (several pairs of one prompt are not quite), so the bar errs low.
+# The accuracy counts signs only. The held-out margin (``rewards/margin_z``: the mean DPO margin, or KTO's mean
+# desirable minus undesirable reward, in standard errors; align.train.heldout) uses each example's size too, so
+# it clears the same one-sided 95% bar with less data: on the quality suite's warm task, align's DPO students
+# gained on held-out prompts (align eval, interval above 0) with held-out accuracy 0.50 -> 0.59-0.62 on 32 pairs,
+# under the +0.15 chance bar, and were told they memorised. A run counts as moved when its accuracy rose by
+# MIN_GAIN or more and either figure clears the bar.
 MIN_GAIN = 0.05
 Z_ONE_SIDED_95 = 1.645
 
@@ -122,14 +128,18 @@ def gain_needed(heldout: Mapping[str, int]) -> float:
 
 
 def heldout_moved(before: Mapping[str, float], after: Mapping[str, float], heldout: Mapping[str, int]) -> bool | None:
-    """Whether held-out reward accuracy rose past chance and the held-out margin rose; None without accuracies."""
+    """Whether the held-out rewards moved past chance: the margin rose, the accuracy rose by ``MIN_GAIN`` or more,
+    and either the accuracy's rise or the margin in standard errors clears the one-sided 95% bar. None without
+    accuracies."""
     acc_before, acc_after = before.get("rewards/accuracies"), after.get("rewards/accuracies")
     if acc_before is None or acc_after is None:
         return None
-    if acc_after - acc_before < gain_needed(heldout):
-        return False
+    gain = acc_after - acc_before
     margin_before, margin_after = before.get("rewards/margins"), after.get("rewards/margins")
-    return margin_before is None or margin_after is None or margin_after > margin_before
+    if gain < MIN_GAIN or (margin_before is not None and margin_after is not None and margin_after <= margin_before):
+        return False
+    margin_z = after.get("rewards/margin_z")
+    return gain >= gain_needed(heldout) or (margin_z is not None and margin_z >= Z_ONE_SIDED_95)
 
 
 def drift_per_token(before: Mapping[str, float], after: Mapping[str, float],
@@ -178,21 +188,25 @@ def diagnose(eval_before: Mapping[str, float], eval_after: Mapping[str, float],
         result.figures["heldout"] = {
             "rewards/accuracies": [eval_before["rewards/accuracies"], eval_after["rewards/accuracies"]],
             "rewards/margins": [eval_before.get("rewards/margins"), eval_after.get("rewards/margins")],
+            "rewards/margin_z": eval_after.get("rewards/margin_z"),
             "size": dict(heldout), "gain_needed": round(needed, 4), "moved": moved}
         went = f"{eval_before['rewards/accuracies']:.2f} -> {eval_after['rewards/accuracies']:.2f}"
         margins = ""
         if "rewards/margins" in eval_before and "rewards/margins" in eval_after:
             margins = f" (margin {eval_before['rewards/margins']:.3f} -> {eval_after['rewards/margins']:.3f})"
         where = f"on {_units(heldout)}{margins}"
+        margin_z = eval_after.get("rewards/margin_z")
+        bar = (f"+{needed:.2f} accuracy, or a margin {Z_ONE_SIDED_95} standard errors above 0"
+               + (f"; it is {margin_z:.2f}" if margin_z is not None else ""))
         if moved:
             result.verdict = "generalised"
-            result.notes.append(f"held-out reward accuracy went {went} {where}, past what chance gives "
-                                f"(+{needed:.2f}): the preference carries over to prompts it did not train on")
+            result.notes.append(f"held-out reward accuracy went {went} {where}, past what chance gives ({bar}): "
+                                "the preference carries over to prompts it did not train on")
         elif fit is not None and fit.fit:
             result.verdict = "memorised"
             result.warnings.append(
                 f"the student fit its training pairs ({fit.text()}) but held-out reward accuracy went {went} "
-                f"{where}, no more than chance moves it (a real gain needs +{needed:.2f}): it memorised. Give it "
+                f"{where}, no more than chance moves it (a real gain needs {bar}): it memorised. Give it "
                 "more or more varied data, fewer steps or a lower learning rate, and check with `align eval` on "
                 "held-out prompts")
         elif fit is not None:

@@ -17,6 +17,7 @@ counts half, so "before" is 0.5 and "after" is comparable to it:
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -60,6 +61,36 @@ def margin_accuracy(margins: Sequence[float], tie_tolerance: float = 0.0) -> flo
     return sum(1.0 if m > tie_tolerance else 0.5 if m >= -tie_tolerance else 0.0 for m in margins) / len(margins)
 
 
+def standard_errors_above_zero(values: Sequence[float]) -> float | None:
+    """The mean of ``values`` in standard errors (a one-sample t statistic); None under 2 values or no spread."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean / math.sqrt(variance / n) if variance > 0 else None
+
+
+def margin_in_standard_errors(margins: Sequence[float], prompts: Sequence[str]) -> float | None:
+    """The held-out DPO margin in standard errors across prompts: each prompt's mean margin is one value, as a
+    prompt's pairs share answers and are not independent draws (counting them as such overstates the figure)."""
+    by_prompt: dict[str, list[float]] = {}
+    for margin, prompt in zip(margins, prompts, strict=True):
+        by_prompt.setdefault(prompt, []).append(margin)
+    return standard_errors_above_zero([sum(m) / len(m) for m in by_prompt.values()])
+
+
+def reward_gap_in_standard_errors(rewards: Sequence[float], desirable: Sequence[bool],
+                                  prompts: Sequence[str]) -> float | None:
+    """KTO's held-out margin (mean desirable minus mean undesirable reward) in standard errors across prompts:
+    each prompt with rows of both kinds gives its own gap, so a prompt's rows count once and what a prompt
+    does to every answer (a longer prompt, an easier topic) cancels out."""
+    by_prompt: dict[str, tuple[list[float], list[float]]] = {}
+    for reward, good, prompt in zip(rewards, desirable, prompts, strict=True):
+        by_prompt.setdefault(prompt, ([], []))[0 if good else 1].append(reward)
+    return standard_errors_above_zero([sum(g) / len(g) - sum(b) / len(b) for g, b in by_prompt.values() if g and b])
+
+
 def dpo_margin(beta: float, chosen: Any, rejected: Any, ref_chosen: Any, ref_rejected: Any) -> Any:
     """The implicit reward margin beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), per pair."""
     return beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))
@@ -91,6 +122,7 @@ class HeldoutRewardsMixin:
 
     align_method: str = "dpo"
     align_eval_rewards: list[Any] | None = None
+    align_eval_prompts: list[str] | None = None  # the eval rows' prompts, in order (set by align.train.run)
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         trainer: Any = self
@@ -120,18 +152,31 @@ class HeldoutRewardsMixin:
         return result
 
 
-def evaluate_with_accuracy(trainer: Any, tie_tolerance: float) -> tuple[dict[str, float], float | None]:
-    """TRL's ``evaluate()`` metrics and the held-out reward accuracy (ties half), read from the same forwards."""
+def evaluate_with_accuracy(trainer: Any, tie_tolerance: float,
+                           prompts: Sequence[str] | None = None) -> tuple[dict[str, float], float | None, float | None]:
+    """TRL's ``evaluate()`` metrics, the held-out reward accuracy (ties half) and, given the eval rows' prompts
+    (in the eval dataset's order), the held-out margin in standard errors across prompts (DPO: the mean margin;
+    KTO: mean desirable minus mean undesirable reward), read from the same forwards.
+
+    The margin uses every example's size, not only its sign as the accuracy does, so it tells a real held-out gain
+    from chance on fewer prompts (align.train.diagnosis uses both)."""
     trainer.align_eval_rewards = []
     metrics = trainer.evaluate()
     collected = trainer.align_eval_rewards
     trainer.align_eval_rewards = None
     if trainer.align_method == "dpo":
         margins = collected if collected is not None else dpo_heldout_margins(trainer)
-        return metrics, margin_accuracy(margins, tie_tolerance=tie_tolerance)
+        return (metrics, margin_accuracy(margins, tie_tolerance=tie_tolerance),
+                margin_in_standard_errors(margins, prompts) if _one_each(prompts, margins) else None)
     rewards, labels = ([r for r, _ in collected], [d for _, d in collected]) if collected is not None \
         else kto_heldout_rewards(trainer)
-    return metrics, pairwise_accuracy(rewards, labels, tie_tolerance=tie_tolerance)
+    return (metrics, pairwise_accuracy(rewards, labels, tie_tolerance=tie_tolerance),
+            reward_gap_in_standard_errors(rewards, labels, prompts) if _one_each(prompts, rewards) else None)
+
+
+def _one_each(prompts: Sequence[str] | None, values: Sequence[Any]) -> bool:
+    """Whether there is a prompt for each evaluated example (else the figure is left out, not misattributed)."""
+    return prompts is not None and len(prompts) == len(values)
 
 
 def _as_bool_tensor(values: Any, device: Any) -> Any:

@@ -164,6 +164,8 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         eval_dataset=Dataset.from_list(heldout_rows) if heldout_rows else None,
         peft_config=peft_config, callbacks=[recorder.metrics_callback()], **reference_kwargs,
     )
+    # the held-out rows' prompts in the eval dataset's order (TRL evaluates it in order), to count each prompt once
+    trainer.align_eval_prompts = [repr(row["prompt"]) for row in heldout_rows]
     # A LoRA run from a LoRA run: its adapter names the earlier adapter as its base, so it loads with the
     # earlier run's training under it (align.train.start says why a chain, not the earlier adapter trained on).
     name_adapter_base(trainer.model, student)
@@ -267,16 +269,19 @@ def _evaluate(trainer: Any, when: str) -> dict[str, float]:
     if trainer.align_method in REFERENCE_METHODS:
         # Ties count half, so that "before" reads 0.5 rather than TRL's strict count of float noise
         # (align.train.heldout).
-        metrics, accuracy = evaluate_with_accuracy(trainer, tie_tolerance=reward_tie_tolerance(trainer.beta))
+        metrics, accuracy, margin_z = evaluate_with_accuracy(trainer, reward_tie_tolerance(trainer.beta),
+                                                             trainer.align_eval_prompts)
     else:
         # SFT: TRL's loss on the completion tokens and its token accuracy. ORPO/SimPO: their rewards are the
         # policy's own mean log-probs, which differ before training too, so TRL's strict accuracy needs no ties.
-        metrics, accuracy = trainer.evaluate(), None
+        metrics, accuracy, margin_z = trainer.evaluate(), None, None
     skip = ("runtime", "per_second", "preparation_time", "num_tokens")
     keep = {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k.startswith("eval_") and isinstance(v, (int, float)) and not any(s in k for s in skip)}
     if accuracy is not None:
         keep["rewards/accuracies"] = accuracy
+    if margin_z is not None:
+        keep["rewards/margin_z"] = margin_z
     log.info("held-out %s training: %s", when, ", ".join(f"{k}={v:.4f}" for k, v in sorted(keep.items())))
     return keep
 
