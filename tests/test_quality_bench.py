@@ -82,6 +82,29 @@ def test_sft_orpo_and_simpo_runs_are_named_by_their_own_settings_and_ignore_dpo_
                                    "reasoning": "drop"}
 
 
+def test_a_setting_named_for_one_trainer_trains_that_one_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import align.train
+
+    kto_only = Variant(train=(("kto.learning_rate", 8e-4), ("kto.loss_type", "apo_zero_unpaired")))
+    defaults = Variant()
+    for method in ("align-dpo", "random", "align-sft"):  # DPO's runs (the random control's too) are shared
+        assert kto_only.train_tag(method) == defaults.train_tag(method)
+    assert kto_only.train_tag("align-kto") != defaults.train_tag("align-kto")
+    assert kto_only.effective["kto"]["trl"]["learning_rate"] == 8e-4
+    assert kto_only.effective["kto"]["trl"]["loss_type"] == "apo_zero_unpaired"
+    assert kto_only.tag != defaults.tag  # its results file is its own
+    calls: dict[str, dict[str, Any]] = {}
+    for trainer in ("dpo", "kto"):
+        monkeypatch.setattr(align.train, trainer,
+                            lambda trainer=trainer, **settings: calls.setdefault(trainer, settings))
+    for method in ("align-dpo", "align-kto"):
+        quality.train_student(Student("concise", method, 0, kto_only), tmp_path)
+    assert calls["kto"]["learning_rate"] == 8e-4 and calls["kto"]["loss_type"] == "apo_zero_unpaired"
+    assert "learning_rate" not in calls["dpo"] and "loss_type" not in calls["dpo"]
+    with pytest.raises(SystemExit, match="prefix names one of dpo, kto"):
+        Variant(train=(("sft.learning_rate", 1e-4),)).settings_for("dpo")
+
+
 def test_sft_reads_the_selected_answers_apart_from_the_pairs_and_orpo_simpo_read_the_pairs(tmp_path: Path) -> None:
     for variant in (Variant(), PAIRS_VARIANT):
         assert Student("list", "align-sft", 0, variant).folder(tmp_path) == tmp_path / "list" / Variant().select_tag
@@ -97,12 +120,20 @@ def test_the_suite_generates_as_many_candidates_as_align_generate_does() -> None
     assert Variant(candidates=quality.CANDIDATES) == Variant() and Variant().is_defaults
 
 
-def test_the_variant_measured_before_it_became_the_default_names_the_defaults_runs() -> None:
-    measured = Variant(train=(("learning_rate", 4e-4),), pairs=(("max_pairs_per_prompt", 4),), candidates=8)
+def test_the_variants_measured_before_they_became_defaults_name_the_defaults_runs() -> None:
     defaults = Variant()
-    assert (measured.tag, measured.pairs_tag, measured.select_tag) == (defaults.tag, defaults.pairs_tag,
-                                                                        defaults.select_tag)
-    assert all(measured.train_tag(m) == defaults.train_tag(m) for m in METHODS)  # its students are the defaults'
+    # 8 candidates, each prompt's 4 widest pairs, DPO at 4e-4 (2026-12-03); its KTO at 4e-4 is KTO's old default
+    dpo_measured = Variant(train=(("dpo.learning_rate", 4e-4),), pairs=(("max_pairs_per_prompt", 4),), candidates=8)
+    assert (dpo_measured.pairs_tag, dpo_measured.select_tag) == (defaults.pairs_tag, defaults.select_tag)
+    assert all(dpo_measured.train_tag(m) == defaults.train_tag(m) for m in METHODS if m != "align-kto")
+    # KTO at 8e-4 (2026-12-04): the whole variant is the defaults, results file included
+    kto_measured = Variant(train=(("kto.learning_rate", 8e-4),))
+    assert kto_measured.tag == defaults.tag
+    assert all(kto_measured.train_tag(m) == defaults.train_tag(m) for m in METHODS)  # its students are the defaults'
+    # both rates as they were before: the runs and results file of the previous defaults (quality.json until then)
+    before = Variant(train=(("learning_rate", 4e-4),))
+    assert before.train_tag("align-dpo") == defaults.train_tag("align-dpo") == "cb048827"
+    assert (before.tag, before.train_tag("align-kto")) == ("settings-e9df39a6", "ced3f557")
 
 
 def test_another_candidate_count_has_its_own_files_and_runs(tmp_path: Path) -> None:

@@ -394,7 +394,7 @@ def test_dpo_and_kto_train_lora_at_the_rate_the_quality_suite_chose_and_a_set_ra
 
     rates = {m: align_trl_defaults(m, on_gpu=False, bf16_ok=False)["learning_rate"]
              for m in ("dpo", "kto", "sft", "orpo", "simpo")}
-    assert rates == {"dpo": 4e-4, "kto": 4e-4, "sft": 2e-4, "orpo": 2e-4, "simpo": 2e-4}
+    assert rates == {"dpo": 4e-4, "kto": 8e-4, "sft": 2e-4, "orpo": 2e-4, "simpo": 2e-4}
     assert align_trl_defaults("dpo", on_gpu=False, bf16_ok=False, lora=False)["learning_rate"] == 5e-6
     asked = align.train.load_train_config("dpo", {"data": "p", "output_dir": "o"}, overrides=["learning_rate=1e-4"])
     assert build_trl_args(asked, str(tmp_path), on_gpu=False, bf16_ok=False).learning_rate == 1e-4
