@@ -36,10 +36,12 @@ FIT_MARGIN = math.log(3)
 # should buy. Pairs are treated as independent (several pairs of one prompt are not quite), so the bar errs low.
 # The accuracy counts signs only. The held-out margin (``rewards/margin_z``: the mean DPO margin, or KTO's mean
 # desirable minus undesirable reward, in standard errors; align.train.heldout) uses each example's size too, so
-# it clears the same one-sided 95% bar with less data: on the quality suite's warm task, align's DPO students
-# gained on held-out prompts (align eval, interval above 0) with held-out accuracy 0.50 -> 0.59-0.62 on 32 pairs,
-# under the +0.15 chance bar, and were told they memorised. A run counts as moved when its accuracy rose by
-# MIN_GAIN or more and either figure clears the bar.
+# it can clear the same one-sided 95% bar with less data. Each prompt counts once (its pairs share answers), so
+# on few prompts it is no sure cure: on the quality suite's warm task align's DPO students gained on held-out
+# prompts (align eval, interval above 0) with held-out accuracy 0.50 -> 0.59-0.63 on 32 pairs of 8 prompts,
+# under the +0.15 chance bar; the margin cleared one seed of three (2.0 standard errors), not the other two
+# (0.95, 1.42). A run counts as moved when its accuracy rose by MIN_GAIN or more and either figure clears the bar
+# (so a student that learned nothing passes a little more often than 1 time in 20: the two mostly move together).
 MIN_GAIN = 0.05
 Z_ONE_SIDED_95 = 1.645
 
