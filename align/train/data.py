@@ -131,13 +131,14 @@ AUTO_EVAL_FRACTION = 0.2
 AUTO_EVAL_MIN_PROMPTS = 20
 
 
-def _prompt_key(row: dict[str, Any]) -> str:
+def prompt_key(row: dict[str, Any]) -> str:
+    """One prompt's identity, whatever its shape (text or messages): what the held-out split keeps apart."""
     return hashlib.sha256(repr(row["prompt"]).encode()).hexdigest()
 
 
 def count_prompts(rows: list[dict[str, Any]]) -> int:
     """Distinct prompts among ``rows`` (as :func:`split_holdout` tells them apart)."""
-    return len({_prompt_key(r) for r in rows})
+    return len({prompt_key(r) for r in rows})
 
 
 def auto_eval_split(rows: list[dict[str, Any]]) -> float:
@@ -151,12 +152,12 @@ def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tup
         return rows, []
     import random
 
-    prompts = sorted({_prompt_key(r) for r in rows})
+    prompts = sorted({prompt_key(r) for r in rows})
     random.Random(seed).shuffle(prompts)
     held = set(prompts[: max(1, round(len(prompts) * fraction))])
     train, heldout = [], []
     for row in rows:
-        (heldout if _prompt_key(row) in held else train).append(row)
+        (heldout if prompt_key(row) in held else train).append(row)
     return train, heldout
 
 

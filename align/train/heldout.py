@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,12 +64,10 @@ def margin_accuracy(margins: Sequence[float], tie_tolerance: float = 0.0) -> flo
 
 def standard_errors_above_zero(values: Sequence[float]) -> float | None:
     """The mean of ``values`` in standard errors (a one-sample t statistic); None under 2 values or no spread."""
-    n = len(values)
-    if n < 2:
+    if len(values) < 2:
         return None
-    mean = sum(values) / n
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean / math.sqrt(variance / n) if variance > 0 else None
+    spread = statistics.stdev(values)
+    return statistics.fmean(values) / (spread / math.sqrt(len(values))) if spread > 0 else None
 
 
 def margin_in_standard_errors(margins: Sequence[float], prompts: Sequence[str]) -> float | None:

@@ -18,7 +18,7 @@ from align.data.io import write_json, write_text
 from align.errors import ConfigError
 from align.models import ModelSource, load_model, load_tokenizer, resolve_model
 from align.train.config import REFERENCE_METHODS, TrainConfig, build_trl_args, trl_trainer_class
-from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data,
+from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data, prompt_key,
                               sample_for_run, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
 from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy, reward_tie_tolerance
@@ -165,7 +165,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
         peft_config=peft_config, callbacks=[recorder.metrics_callback()], **reference_kwargs,
     )
     # the held-out rows' prompts in the eval dataset's order (TRL evaluates it in order), to count each prompt once
-    trainer.align_eval_prompts = [repr(row["prompt"]) for row in heldout_rows]
+    trainer.align_eval_prompts = [prompt_key(row) for row in heldout_rows]
     # A LoRA run from a LoRA run: its adapter names the earlier adapter as its base, so it loads with the
     # earlier run's training under it (align.train.start says why a chain, not the earlier adapter trained on).
     name_adapter_base(trainer.model, student)
