@@ -75,6 +75,32 @@ def test_reference_against_itself_ties_on_every_prompt_with_zero_kl(tiny_model_d
     assert "length-controlled win rate (at equal tokens): 0.500 (95% CI 0.500-0.500)" in stdout
 
 
+def test_kl_reads_the_log_probs_the_student_recorded_as_it_answered(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The student's side of the KL comes from the log-probs generation stored with each answer, not from a second
+    forward pass: shifting every stored log-prob by 0.25 shifts the KL per token by 0.25. Answers stored without
+    log-probs are scored by a forward pass, back to a model's zero KL against itself."""
+    from align.eval import EvalConfig, run_eval
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(HELDOUT.read_text().splitlines(keepends=True)[:6]))
+    config = EvalConfig(model=str(tiny_model_dir), reference=str(tiny_model_dir), prompts=prompts,
+                        output_dir=tmp_path / "eval", judge=rules, max_new_tokens=8)
+    assert abs(run_eval(config).metrics["kl_per_token"]) < 1e-4
+    answers = tmp_path / "eval" / "responses_model.jsonl"
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+
+    def rewrite(change) -> float:
+        answers.write_text("".join(json.dumps({**row, "responses": [change(r) for r in row["responses"]]}) + "\n"
+                                   for row in rows))
+        return run_eval(config).metrics["kl_per_token"]  # a rerun keeps the answers file it finds
+
+    shifted = rewrite(lambda r: {**r, "logprobs": [{**t, "logprob": t["logprob"] + 0.25} for t in r["logprobs"]]})
+    assert shifted == pytest.approx(0.25, abs=1e-4)
+    assert abs(rewrite(lambda r: {**r, "logprobs": None})) < 1e-4
+
+
 def test_eval_needs_a_judge(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
                              "--prompts", REPO / "datasets" / "prompts" / "concise_heldout.jsonl", "-o", tmp_path)

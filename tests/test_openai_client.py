@@ -194,7 +194,7 @@ def test_llama_servers_log_probs_give_token_ids_and_the_answers_log_probability(
     come as ``id`` and log-probs only when top_logprobs is above 0. align eval scores a served student's KL on
     these ids and log-probs, so both must come through, even when no alternatives are asked for."""
     from align.data.validate import read_records
-    from align.eval.stage import _served_logprob
+    from align.eval.stage import _recorded_logprob
     from align.generate import GenerateConfig, generate
 
     recorded = json.loads((Path(__file__).parent / "fixtures" / "llamacpp_chat_logprobs.json").read_text())
@@ -209,5 +209,5 @@ def test_llama_servers_log_probs_give_token_ids_and_the_answers_log_probability(
     expected = recorded["choices"][0]["logprobs"]["content"]
     assert [e["token_id"] for e in response.logprobs] == [e["id"] for e in expected] == [504, 2166, 327, 3908]
     assert not any("top_logprobs" in e for e in response.logprobs)  # the alternative it was sent for is dropped
-    logprob, tokens = _served_logprob(response)
+    logprob, tokens = _recorded_logprob(response)
     assert tokens == 4 and logprob == pytest.approx(sum(e["logprob"] for e in expected))

@@ -25,7 +25,8 @@ Then:
   before (reference) and after (student);
 * KL(student || reference), estimated on the student's own samples:
   E_y~student [log p_student(y|x) - log p_reference(y|x)], per sequence and per token
-  (with greedy answers, or temperature / top_p not 1, a log-ratio with a ``kl_caveat``);
+  (with greedy answers, or temperature / top_p not 1, a log-ratio with a ``kl_caveat``); log p_student is
+  what the student recorded as it answered, so only the reference scores the answers again;
 * response length (tokens, words) and how often the length cap was hit;
 * implicit-reward accuracy (ties half, as training counts them) and margin on held-out pairs, when given.
 """
@@ -146,7 +147,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
         path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
         log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
                  role, spec, k, path)
-        # A served student answers over HTTP, with the log-probs of its tokens (for the KL below).
+        # Every answer comes with its tokens' log-probs (for the KL below); a served student's over HTTP.
         served = role == "model" and is_server_url(spec)
         where = _served(config) if served else {"model": spec}
         # Evals of several students may share the reference's answers at once: one writes, the others wait.
@@ -394,7 +395,7 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
     # student keeps its model's tokenizer).
     tokenizer = load_tokenizer(config.reference if served else config.model)
     prompts, completions, owners = [], [], []
-    student: list[tuple[float, int]] = []
+    recorded: list[tuple[float | None, int]] = []
     for pid in prompt_ids:
         # Rendered as generation rendered it when the answers were sampled: scored on the same ids.
         prompt = prompt_token_ids(tokenizer, model_rows[pid].prompt)
@@ -402,15 +403,17 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
             prompts.append(prompt)
             completions.append(_response_ids(tokenizer, response))
             owners.append(pid)
-            if served:
-                student.append(_served_logprob(response))
-    if served and any(value is None for value, _ in student):
+            recorded.append(_recorded_logprob(response))
+    # The student's log-probs of its own tokens were recorded as it generated them (eval asks generate for
+    # them): a second forward pass over every answer would only repeat them, to float rounding.
+    have_recorded = all(value is not None for value, _ in recorded)
+    if served and not have_recorded:
         return {"per_sequence": None, "per_token": None, "sequences": [[] for _ in prompt_ids],
                 "caveat": f"{config.model} returned no log-probs for its tokens: no KL"}
     log.info("scoring the student's %d samples under %sthe reference", len(prompts),
-             "" if served else "the student and ")
-    if not served:
-        student = completion_logprobs(load_model(config.model, merge_adapter=True), prompts, completions)
+             "" if have_recorded else "the student and ")
+    student = recorded if have_recorded else \
+        completion_logprobs(load_model(config.model, merge_adapter=True), prompts, completions)
     reference = completion_logprobs(load_model(config.reference, merge_adapter=True), prompts, completions)
     flat = [s - r for (s, _), (r, _) in zip(student, reference)]
     tokens = sum(n for _, n in student)
@@ -429,8 +432,9 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
             "sequences": [by_prompt[pid] for pid in prompt_ids], "caveat": caveat}
 
 
-def _served_logprob(response: Any) -> tuple[float | None, int]:
-    """(the log-prob of a served answer, its tokens) from the per-token log-probs the server returned."""
+def _recorded_logprob(response: Any) -> tuple[float | None, int]:
+    """(the log-prob of an answer, its tokens) from the per-token log-probs recorded with it (by generate, or by
+    the server that answered); None where they are missing."""
     entries = response.logprobs or []
     values = [entry.get("logprob") for entry in entries]
     if not entries or any(v is None for v in values):
