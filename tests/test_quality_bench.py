@@ -230,6 +230,23 @@ def test_methods_narrow_what_runs_not_what_the_table_reports() -> None:
         quality.plan_methods("align-sfft", quick=False)
 
 
+def test_the_first_student_of_each_shared_reference_goes_before_those_that_reuse_it() -> None:
+    """DPO's later seeds and the random control read the reference log-probs DPO's first seed computes; begun
+    beside it, they computed them again. Plain TRL's students, the longest, start first."""
+    tasks = [t for t in quality.load_tasks() if t.name in ("concise", "caution")]
+    students = quality.students_of(tasks, ("align-dpo", "align-kto", "random", "trl-dpo"), (0, 1, 2), Variant())
+    order = [students[i] for i in quality.run_order(students)]
+    assert sorted(order, key=students.index) == students  # each once
+    names = [f"{s.task}/{s.method}/{s.seed}" for s in order]
+    assert names == ["concise/trl-dpo/0", "caution/trl-dpo/0",
+                     "concise/align-dpo/0", "concise/align-kto/0", "caution/align-dpo/0", "caution/align-kto/0",
+                     "concise/align-dpo/1", "concise/align-dpo/2", "concise/random/0",
+                     "caution/align-dpo/1", "caution/align-dpo/2", "caution/random/0"]
+    quick = quality.students_of(tasks, QUICK_METHODS, (0,), Variant())
+    assert [f"{quick[i].task}/{quick[i].method}" for i in quality.run_order(quick)] == \
+        ["concise/align-dpo", "caution/align-dpo", "concise/random", "caution/random"]
+
+
 def fake_evaluation(student: Student, work: Path, diffs: dict[str, float], sampled: str = "sample") -> None:
     """The files `align eval` leaves for a student, with the given per-prompt score differences."""
     for decoding in (sampled, "greedy"):

@@ -47,7 +47,7 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -518,6 +518,37 @@ def students_of(tasks: list[Task], methods: tuple[str, ...], seeds: tuple[int, .
             for s in (seeds if m == "align-dpo" else (0,))]
 
 
+def run_order(students: list[Student]) -> list[int]:
+    """The order the workers take students in (indices into ``students``).
+
+    Students of one task that train with one reference-based trainer share its reference log-probs through align's
+    cache (DPO's later seeds all of them, the random control the pairs its coin left as they were); begun side by
+    side, two of them computed the same ones twice (~90 s a task on the full suite), so the first of each such
+    group goes before the others. Plain TRL's students, the longest (~9 min), go first, so that at the end no worker
+    waits for one."""
+    from align.train.config import REFERENCE_METHODS
+
+    seen: set[tuple[str, str]] = set()
+    reuses = []
+    for student in students:
+        trainer = REGISTRY[student.method].trainer
+        group = (student.task, trainer or "")
+        reuses.append(trainer in REFERENCE_METHODS and group in seen)
+        seen.add(group)
+    return sorted(range(len(students)), key=lambda i: (reuses[i], students[i].method != "trl-dpo"))
+
+
+def train_and_evaluate(student: Student, work: Path, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    """One student from training to evaluation in one worker, so no worker waits for every student's training
+    to end before it evaluates; the seconds each took go into the results."""
+    started = time.time()
+    train_student(student, work)
+    trained = time.time()
+    result = evaluate_student(student, work, samples)
+    result["seconds"] = {"training": round(trained - started, 1), "evaluation": round(time.time() - trained, 1)}
+    return result
+
+
 def plan_methods(asked: str | None, quick: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(methods to train and evaluate now, methods of the run's table to report only where already evaluated).
 
@@ -561,23 +592,27 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
                   + (f"; not evaluated there, left out: {', '.join(missing)}" if missing else ""),
                   file=sys.stderr, flush=True)
         t0 = time.time()
-        _progress(pool, [pool.submit(train_student, s, work) for s in students], "trained", students)
-        timings["training"] = time.time() - t0
-        t0 = time.time()
         everyone = students + finished
-        evaluated = _progress(pool, [pool.submit(evaluate_student, s, work, samples) for s in everyone], "evaluated",
-                              everyone)
-        timings["evaluation"] = time.time() - t0
+        futures = {pool.submit(train_and_evaluate, everyone[i], work, samples): i for i in run_order(students)}
+        futures.update({pool.submit(evaluate_student, s, work, samples): i  # read from their files
+                        for i, s in enumerate(finished, len(students))})
+        evaluated = _progress(futures, everyone)
+        timings["students (training and evaluation)"] = time.time() - t0
+    for phase in ("training", "evaluation"):  # summed over workers, which run side by side
+        timings[f"{phase}, worker seconds"] = sum(r.get("seconds", {}).get(phase, 0.0) for r in evaluated)
     timings["total"] = time.time() - started
     return {"prepared": prepared, "students": evaluated, "timings": {k: round(v, 1) for k, v in timings.items()},
             "reported": sorted({s.method for s in finished})}
 
 
-def _progress(pool: Any, futures: list[Any], verb: str, students: list[Student]) -> list[Any]:
-    results = []
-    for i, (future, student) in enumerate(zip(futures, students), 1):
-        results.append(future.result())
-        print(f"  [{i}/{len(futures)}] {verb} {student.task}/{student.name}", file=sys.stderr, flush=True)
+def _progress(futures: dict[Any, int], students: list[Student]) -> list[Any]:
+    """The results of ``students`` (each future's is that of the student it indexes), saying which is done as each
+    finishes."""
+    results: list[Any] = [None] * len(students)
+    for done, future in enumerate(as_completed(futures), 1):
+        i = futures[future]
+        results[i] = future.result()
+        print(f"  [{done}/{len(futures)}] done {students[i].task}/{students[i].name}", file=sys.stderr, flush=True)
     return results
 
 
