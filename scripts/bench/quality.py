@@ -28,7 +28,8 @@ Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a
 completes the table, with the random control beside them, instead of replacing it.
 
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~3 h on 2 cores
-    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~20 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~16 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-dpo,align-kto,random,trl-dpo
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
 
 ``--set``/``--pairs`` try other training and pair settings beside the defaults (``--set kto.beta=0.2``: KTO's
