@@ -97,6 +97,41 @@ def test_a_separate_reference_is_resolved_once_and_cached_by_its_weights(
     assert separate.ref_cache == {"rows": 8, "reused": 8, "computed": 0}
 
 
+def test_the_cache_holds_answers_so_flipped_pairs_and_shared_answers_need_no_second_reference_pass(
+        tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "first", cache, eval_split=0))
+    assert first.ref_cache == {"rows": 8, "reused": 0, "computed": 8}
+    shards = sorted(cache.glob("*/shard-*.jsonl"))
+    entries = [json.loads(line) for shard in shards for line in shard.read_text().splitlines()]
+    assert len(entries) == 16  # a chosen and a rejected answer for each of the 8 pairs trained on
+    # A random-label control flips some pairs; a relabelled set pairs the same answers again, in any order.
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    flipped = [{**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 2 else r for i, r in enumerate(rows)]
+    write_records(tmp_path / "flipped.jsonl", flipped)
+    second = align.train.dpo(**_settings(tiny_model_dir, tmp_path / "flipped.jsonl", tmp_path / "second", cache,
+                                         eval_split=0))
+    assert second.ref_cache == {"rows": 8, "reused": 8, "computed": 0}
+    assert sorted(cache.glob("*/shard-*.jsonl")) == shards  # nothing new computed or written
+
+
+def test_an_example_goes_through_the_reference_only_for_an_answer_nobody_else_brings() -> None:
+    from align.train.speedups.ref_cache import answer_keys, rows_to_compute
+
+    # all-pairs of one prompt: a>b, a>c, b>c; then a pair whose answers are both cached
+    keys = [["a", "b"], ["a", "c"], ["b", "c"], ["d", "e"]]
+    assert rows_to_compute(keys, known=set(), lengths=[1, 2, 3, 4]) == [0, 1, 3]
+    assert rows_to_compute(keys, known={"d", "e"}, lengths=[3, 2, 1, 4]) == [2, 1]  # shortest first
+    assert rows_to_compute(keys, known={"a", "b", "c", "d", "e"}, lengths=[1, 1, 1, 1]) == []
+    row = {"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}
+    flipped = {"prompt_ids": [1, 2], "chosen_ids": [4, 5], "rejected_ids": [3]}
+    columns = ["chosen_ids", "rejected_ids"]
+    assert answer_keys(row, columns, pairwise=False) == answer_keys(flipped, columns, pairwise=False)[::-1]
+    # LD-DPO weighs an answer's tail by the other's length: there an entry belongs to its pair and its side
+    pairwise = answer_keys(row, columns, pairwise=True)
+    assert len(set(pairwise)) == 2 and not set(pairwise) & set(answer_keys(flipped, columns, pairwise=True))
+
+
 def test_full_finetune_and_export(tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, isolated_cache: Path,
                                   capsys) -> None:
     result = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "full", isolated_cache, lora=False))

@@ -27,8 +27,10 @@ def _run(method: str, ctx: typer.Context, config: Path | None, model: str | None
                f"final loss {result.final_loss if result.final_loss is None else round(result.final_loss, 4)}")
     typer.echo(f"reference: {result.reference}")
     if result.ref_cache:
-        typer.echo("reference log-probs: {reused} of {rows} rows reused from the cache, {computed} computed"
-                   .format(**result.ref_cache))
+        cache = result.ref_cache
+        along = cache["rows"] - cache["reused"] - cache["computed"]
+        typer.echo(f"reference log-probs: {cache['reused']} of {cache['rows']} rows reused from the cache, "
+                   f"{cache['computed']} computed" + (f", {along} whose answers came with those" if along else ""))
     # What an accuracy means before training, when every implicit reward is 0 and ties
     accuracy_note = {"dpo": "share of pairs with chosen reward > rejected; ties count half, so 0.5 before",
                      "kto": "share of (desirable, undesirable) rows in reward order; ties count half, so 0.5 before",

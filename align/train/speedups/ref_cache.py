@@ -8,10 +8,16 @@ run, a new epoch or a sweep over ``beta`` pays nothing for the reference.
 
 Entries live under ``<cache>/ref-logps/<namespace>/`` where the namespace hashes
 everything that changes the numbers besides the example itself: the reference
-weights, the method, ``max_length`` and truncation, and TRL's version. Each
-example is keyed by a hash of its token ids, which already encodes the
-tokenizer, the chat template and the data. New entries are added as new shard
-files (written atomically), so concurrent or killed runs never corrupt it.
+weights, the method, ``max_length`` and truncation, and TRL's version. Each entry
+is one answer's log-prob given its prompt, keyed by a hash of their token ids
+(which already encode the tokenizer, the chat template and the data): TRL sums
+each sequence's log-probs on its own, so the same answer to the same prompt has
+one value in whichever pair or row it comes, and a pair seen the other way round
+(a label flipped, a random-label control) or an answer met in a new pair costs
+nothing. LD-DPO (``ld_alpha``) weighs an answer's tail by the other answer's
+length, so there each entry is keyed by the whole pair. New entries are added
+as new shard files (written atomically), so concurrent or killed runs never
+corrupt it.
 """
 
 from __future__ import annotations
@@ -30,21 +36,28 @@ from align.models import cache_dir
 
 log = logging.getLogger(__name__)
 
-# The tokenized columns that define one example for each method (TRL's names).
-KEY_COLUMNS = {
-    "dpo": ("prompt_ids", "chosen_ids", "rejected_ids"),
-    "kto": ("prompt_ids", "completion_ids", "KL_completion_ids", "label"),
+# Each method's answers in an example: (the column of the answer's token ids, the column TRL reads its
+# precomputed reference log-prob from), in the order TRL's `compute_ref_log_probs` returns them. The prompt is
+# always "prompt_ids" (TRL's names).
+ANSWERS = {
+    "dpo": (("chosen_ids", "ref_chosen_logps"), ("rejected_ids", "ref_rejected_logps")),
+    "kto": (("completion_ids", "ref_logps"), ("KL_completion_ids", "ref_KL_logps")),
 }
-# The columns TRL's trainers read precomputed reference log-probs from, in the order
-# their `compute_ref_log_probs` returns them.
-VALUE_COLUMNS = {
-    "dpo": ("ref_chosen_logps", "ref_rejected_logps"),
-    "kto": ("ref_logps", "ref_KL_logps"),
-}
+# Bumped when what an entry holds changes, so a cache written the old way is never read the new way.
+ENTRY_FORMAT = "answer-logp/2"
 
 
-def row_key(row: dict[str, Any], columns: Iterable[str]) -> str:
-    payload = json.dumps([row.get(c) for c in columns], separators=(",", ":"))
+def answer_keys(row: dict[str, Any], answer_columns: Iterable[str], pairwise: bool) -> list[str]:
+    """The cache key of each answer of a tokenized example: its prompt's and its own token ids; with ``pairwise``
+    (the value depends on the other answers too, as LD-DPO's does) every answer column and which answer it is."""
+    columns = list(answer_columns)
+    if pairwise:
+        return [_hash([[row.get(c) for c in ["prompt_ids", *columns]], column]) for column in columns]
+    return [_hash([row.get("prompt_ids"), row.get(column)]) for column in columns]
+
+
+def _hash(value: Any) -> str:
+    payload = json.dumps(value, separators=(",", ":"))
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
@@ -81,16 +94,16 @@ def module_fingerprint(module: Any) -> str:
 
 
 class RefLogpStore:
-    """Reference log-probs on disk, looked up by example key within one namespace."""
+    """Reference log-probs on disk, one per answer key, within one namespace."""
 
     def __init__(self, root: str | Path | None, namespace: dict[str, Any]):
-        self.namespace = namespace
-        self.key = content_hash(namespace, 24)
+        self.namespace = {**namespace, "entries": ENTRY_FORMAT}
+        self.key = content_hash(self.namespace, 24)
         self.folder = Path(root or cache_dir() / "ref-logps") / self.key
 
-    def lookup(self, keys: list[str]) -> dict[str, dict[str, float]]:
+    def lookup(self, keys: Iterable[str]) -> dict[str, float]:
         wanted = set(keys)
-        found: dict[str, dict[str, float]] = {}
+        found: dict[str, float] = {}
         if not self.folder.exists():
             return found
         for shard in sorted(self.folder.glob("shard-*.jsonl")):
@@ -98,10 +111,10 @@ class RefLogpStore:
                 for line in f:
                     entry = json.loads(line)
                     if entry["key"] in wanted:
-                        found[entry["key"]] = entry["values"]
+                        found[entry["key"]] = entry["logp"]
         return found
 
-    def add(self, entries: dict[str, dict[str, float]]) -> None:
+    def add(self, entries: dict[str, float]) -> None:
         if not entries:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -111,15 +124,27 @@ class RefLogpStore:
                 tmp.write_text(json.dumps(self.namespace, indent=1, sort_keys=True))
         name = f"shard-{os.getpid()}-{content_hash(sorted(entries), 12)}.jsonl"
         with atomic_path(self.folder / name) as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for key, values in entries.items():
-                f.write(json.dumps({"key": key, "values": values}) + "\n")
+            for key, logp in entries.items():
+                f.write(json.dumps({"key": key, "logp": logp}) + "\n")
+
+
+def rows_to_compute(keys: list[list[str]], known: set[str], lengths: list[int]) -> list[int]:
+    """The examples whose reference pass covers every answer not in ``known``, shortest first (little padding in a
+    batch): an example is skipped where its answers are known or come with an example already taken."""
+    covered = set(known)
+    chosen = []
+    for i in sorted(range(len(keys)), key=lambda i: lengths[i]):
+        if not covered.issuperset(keys[i]):
+            chosen.append(i)
+            covered.update(keys[i])
+    return chosen
 
 
 class RefCacheMixin:
     """Mixed into TRL's DPO/KTO trainers: serve ``_precompute_ref_logps`` from a :class:`RefLogpStore`.
 
-    Only examples missing from the cache are computed, sorted by length so the
-    reference batches carry little padding, with TRL's own
+    Only examples with an answer missing from the cache are computed, sorted by
+    length so the reference batches carry little padding, with TRL's own
     ``compute_ref_log_probs`` (same math as an uncached run). The values are
     gathered in memory on every process, so multi-process runs need no shared
     temporary files.
@@ -133,33 +158,45 @@ class RefCacheMixin:
         store = self.align_ref_store
         if store is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)  # type: ignore[misc]
-        columns = [c for c in KEY_COLUMNS[self.align_method] if c in dataset.column_names]
+        answers = self._answers(dataset.column_names)
+        columns = ["prompt_ids", *(ids for ids, _ in answers)]
         table = dataset.select_columns(columns).to_list()
-        keys = [row_key(row, columns) for row in table]
-        found = store.lookup(keys)
-        missing = sorted({i for i, k in enumerate(keys) if k not in found},
-                         key=lambda i: sum(len(v) for v in table[i].values() if isinstance(v, list)))
+        pairwise = getattr(self, "ld_alpha", None) is not None
+        keys = [answer_keys(row, [ids for ids, _ in answers], pairwise) for row in table]
+        found = store.lookup(k for row_keys in keys for k in row_keys)
+        cached = sum(all(k in found for k in row_keys) for row_keys in keys)
+        lengths = [sum(len(row[c] or []) for c in columns) for row in table]
+        missing = rows_to_compute(keys, set(found), lengths)
         if missing:
-            computed = self._compute_reference(dataset.select(missing), name, batch_size)
-            fresh = {keys[i]: {c: values[j] for c, values in computed.items()} for j, i in enumerate(missing)}
+            computed = self._compute_reference(dataset.select(missing), name, batch_size, len(answers))
+            fresh = {keys[i][a]: computed[a][j] for j, i in enumerate(missing) for a in range(len(answers))
+                     if keys[i][a] not in found}
             if _is_main_process(self):
                 store.add(fresh)
             found.update(fresh)
-        reused = len(keys) - len(missing)
+        # rows neither reused nor computed had every answer in a computed row (the same answer in several pairs)
         self.align_ref_report = {**(self.align_ref_report or {}),
-                                 name: {"rows": len(keys), "reused": reused, "computed": len(missing)}}
+                                 name: {"rows": len(keys), "reused": cached, "computed": len(missing)}}
         log.info("reference log-probs for %s: %d of %d rows reused from the cache, %d computed (%s)",
-                 name, reused, len(keys), len(missing), store.folder)
+                 name, cached, len(keys), len(missing), store.folder)
         from datasets import Value
 
-        value_columns = sorted(next(iter(found.values())).keys()) if found else []
-        for column in value_columns:
+        for a, (_, value_column) in enumerate(answers):
             # float32, as TRL stores its own precomputed values: cached and fresh runs see identical inputs.
-            dataset = dataset.add_column(column, [found[k][column] for k in keys], feature=Value("float32"))
+            dataset = dataset.add_column(value_column, [found[row_keys[a]] for row_keys in keys],
+                                         feature=Value("float32"))
         return dataset
 
+    def _answers(self, column_names: list[str]) -> list[tuple[str, str]]:
+        """(ids column, value column) of each answer TRL scores here: KTO's mismatched answers only where it
+        estimates its KL term."""
+        present = [(ids, value) for ids, value in ANSWERS[self.align_method] if ids in column_names]
+        if self.align_method == "kto" and not getattr(self, "calculate_KL", True):
+            present = [(ids, value) for ids, value in present if ids != "KL_completion_ids"]
+        return present
 
-    def _compute_reference(self, dataset: Any, name: str, batch_size: int) -> dict[str, list[float]]:
+    def _compute_reference(self, dataset: Any, name: str, batch_size: int, answers: int) -> list[list[float]]:
+        """Each answer's reference log-probs over ``dataset``, in the order of :data:`ANSWERS`."""
         import torch
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
@@ -168,17 +205,15 @@ class RefCacheMixin:
         if trainer.ref_model is None and trainer.is_deepspeed_enabled:
             # ZeRO needs TRL's inference engine; use TRL's path (single shared filesystem assumed).
             computed = super()._precompute_ref_logps(dataset, name, batch_size)  # type: ignore[misc]
-            columns = [c for c in computed.column_names if c not in dataset.column_names]
-            return {c: [float(v) for v in computed[c]] for c in columns}
+            return [[float(v) for v in computed[value]] for _, value in self._answers(dataset.column_names)]
         loader = trainer.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                                         collate_fn=trainer.data_collator))
         model = trainer.ref_model or trainer.model
         parts: list[list[Any]] = []
         for batch in tqdm(loader, desc=f"Reference log-probs ({name})", disable=not _is_main_process(self)):
-            values = [v for v in trainer.compute_ref_log_probs(model, batch) if v is not None]
+            values = [v for v in trainer.compute_ref_log_probs(model, batch) if v is not None][:answers]
             parts.append([t.float().cpu() for t in trainer.accelerator.gather_for_metrics(tuple(values))])
-        names = VALUE_COLUMNS[self.align_method]
-        return {names[k]: torch.cat([p[k] for p in parts]).tolist() for k in range(len(parts[0]))}
+        return [torch.cat([p[a] for p in parts]).tolist() for a in range(answers)]
 
 
 def _is_main_process(trainer: Any) -> bool:
