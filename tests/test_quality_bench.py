@@ -231,8 +231,8 @@ def test_methods_narrow_what_runs_not_what_the_table_reports() -> None:
 
 
 def test_the_first_student_of_each_shared_reference_goes_before_those_that_reuse_it() -> None:
-    """DPO's later seeds and the random control read the reference log-probs DPO's first seed computes; begun
-    beside it, they computed them again. Plain TRL's students, the longest, start first."""
+    """DPO's later seeds and the random control read the reference log-probs DPO's first seed computes (the
+    same answers); begun beside it, they computed them again. Plain TRL's students, the longest, start first."""
     tasks = [t for t in quality.load_tasks() if t.name in ("concise", "caution")]
     students = quality.students_of(tasks, ("align-dpo", "align-kto", "random", "trl-dpo"), (0, 1, 2), Variant())
     order = [students[i] for i in quality.run_order(students)]
@@ -245,6 +245,47 @@ def test_the_first_student_of_each_shared_reference_goes_before_those_that_reuse
     quick = quality.students_of(tasks, QUICK_METHODS, (0,), Variant())
     assert [f"{quick[i].task}/{quick[i].method}" for i in quality.run_order(quick)] == \
         ["concise/align-dpo", "caution/align-dpo", "concise/random", "caution/random"]
+
+
+def test_students_start_as_their_task_is_prepared_best_first_and_never_queue_ahead_of_better_ones() -> None:
+    """A real pool of 2 workers: ``caution`` is prepared only once a ``concise`` student has started (so that
+    student did not wait for every task), and that student runs on until the ``caution`` student ranked first has
+    started too: the second ``concise`` one, ready earlier, must not take the free worker first."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    started: list[str] = []
+    concise_student_running, caution_student_running = threading.Event(), threading.Event()
+
+    def prepare(task: str) -> str:
+        if task == "caution":
+            assert concise_student_running.wait(10), "no student started while a task was still being prepared"
+        started.append(f"prepare {task}")
+        return task
+
+    def student(name: str) -> str:
+        started.append(name)
+        if name == "caution 1":
+            caution_student_running.set()
+        if name == "concise 1":
+            concise_student_running.set()
+            assert caution_student_running.wait(10), "the best student of the task prepared last did not start"
+        return name.upper()
+
+    finished: list[tuple[str, int | None]] = []
+    jobs = [("caution", lambda: student("caution 1")), ("concise", lambda: student("concise 1")),
+            ("concise", lambda: student("concise 2"))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        prepared, results = quality.schedule(
+            pool, 2, {"concise": lambda: prepare("concise"), "caution": lambda: prepare("caution")}, jobs,
+            lambda task, position, result: finished.append((task, position)))
+    assert started == ["prepare concise", "concise 1", "prepare caution", "caution 1", "concise 2"]
+    assert prepared == {"concise": "concise", "caution": "caution"}
+    assert results == ["CAUTION 1", "CONCISE 1", "CONCISE 2"]  # in the students' order, not the finishing one
+    assert sorted(finished, key=str) == sorted([("concise", None), ("caution", None), ("caution", 0),
+                                                ("concise", 1), ("concise", 2)], key=str)
+    with pytest.raises(ValueError, match="warm"):
+        quality.schedule(pool, 2, {}, [("warm", lambda: None)], lambda *_: None)
 
 
 def fake_evaluation(student: Student, work: Path, diffs: dict[str, float], sampled: str = "sample") -> None:

@@ -48,7 +48,8 @@ import os
 import random
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -523,9 +524,9 @@ def run_order(students: list[Student]) -> list[int]:
     """The order the workers take students in (indices into ``students``).
 
     Students of one task that train with one reference-based trainer share its reference log-probs through align's
-    cache (DPO's later seeds all of them, the random control the pairs its coin left as they were); begun side by
-    side, two of them computed the same ones twice (~90 s a task on the full suite), so the first of each such
-    group goes before the others. Plain TRL's students, the longest (~9 min), go first, so that at the end no worker
+    cache (DPO's later seeds and the random control, whose pairs are the same answers); begun side by side, two of
+    them computed the same ones twice (~90 s a task on the full suite), so the first of each such group goes before
+    the others. Plain TRL's students, the longest (~9 min), go first, so that at the end no worker
     waits for one."""
     from align.train.config import REFERENCE_METHODS
 
@@ -576,15 +577,8 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
     started = time.time()
     timings: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(threads,)) as pool:
-        t0 = time.time()
-        n = len(tasks)
-        prepared = list(pool.map(prepare_task, tasks, [work] * n, [variant] * n))
-        timings["candidates, labels, pairs"] = time.time() - t0
-        for row in prepared:
-            print(f"  {row['task']}: {row['pairs']} pairs, {row['unpaired']} KTO rows, {row['sft_rows']} SFT rows, "
-                  f"mean candidate score {row['candidate_score']:.3f}", file=sys.stderr, flush=True)
         if prepare_only:
-            return {"prepared": prepared}
+            return {"prepared": list(pool.map(prepare_task, tasks, [work] * len(tasks), [variant] * len(tasks)))}
         earlier = students_of(tasks, report, seeds, variant)
         finished = [s for s in earlier if s.evaluated(work, samples)]
         if earlier:
@@ -592,29 +586,80 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
             print(f"  reporting {len(finished)} students evaluated earlier in {work} beside them"
                   + (f"; not evaluated there, left out: {', '.join(missing)}" if missing else ""),
                   file=sys.stderr, flush=True)
-        t0 = time.time()
         everyone = students + finished
-        futures = {pool.submit(train_and_evaluate, everyone[i], work, samples): i for i in run_order(students)}
-        futures.update({pool.submit(evaluate_student, s, work, samples): i  # read from their files
-                        for i, s in enumerate(finished, len(students))})
-        evaluated = _progress(futures, everyone)
-        timings["students (training and evaluation)"] = time.time() - t0
+        order = [*run_order(students), *range(len(students), len(everyone))]
+        jobs_in_order = [(everyone[i].task, functools.partial(
+            train_and_evaluate if i < len(students) else evaluate_student, everyone[i], work, samples))
+            for i in order]  # the earlier students are read from their files: nothing of theirs runs again
+        preparations = {t.name: functools.partial(prepare_task, t, work, variant) for t in tasks}
+        prepared, results = schedule(pool, jobs, preparations, jobs_in_order,
+                                     _Progress([everyone[i] for i in order], timings))
+        evaluated: list[Any] = [None] * len(everyone)
+        for i, result in zip(order, results):
+            evaluated[i] = result
     for phase in ("training", "evaluation"):  # summed over workers, which run side by side
         timings[f"{phase}, worker seconds"] = sum(r.get("seconds", {}).get(phase, 0.0) for r in evaluated)
     timings["total"] = time.time() - started
-    return {"prepared": prepared, "students": evaluated, "timings": {k: round(v, 1) for k, v in timings.items()},
-            "reported": sorted({s.method for s in finished})}
+    return {"prepared": [prepared[t.name] for t in tasks], "students": evaluated,
+            "timings": {k: round(v, 1) for k, v in timings.items()}, "reported": sorted({s.method for s in finished})}
 
 
-def _progress(futures: dict[Any, int], students: list[Student]) -> list[Any]:
-    """The results of ``students`` (each future's is that of the student it indexes), saying which is done as each
-    finishes."""
+def schedule(pool: Any, slots: int, preparations: dict[str, Callable[[], Any]],
+             students: list[tuple[str, Callable[[], Any]]], on_done: Callable[[str, int | None, Any], None]
+             ) -> tuple[dict[str, Any], list[Any]]:
+    """Every task's preparation, then each student (``(task, job)``, best first) as soon as its task is prepared;
+    the results by task and in the students' order.
+
+    Students go to the pool only while it has a free worker (counting the preparations it still holds): queued any
+    earlier, a student of the first task prepared would wait ahead of better ones (plain TRL's) of tasks prepared
+    later, and at the end a worker idled. With 5 tasks on 2 workers the last preparation ran alone (~2 min of a
+    core) when every student waited for all of them."""
+    unprepared = {task for task, _ in students} - set(preparations)
+    if unprepared:
+        raise ValueError(f"students of tasks nothing prepares: {sorted(unprepared)}")
+    pending_tasks = {pool.submit(job): task for task, job in preparations.items()}
+    waiting = list(range(len(students)))
+    running: dict[Any, int] = {}
+    prepared: dict[str, Any] = {}
     results: list[Any] = [None] * len(students)
-    for done, future in enumerate(as_completed(futures), 1):
-        i = futures[future]
-        results[i] = future.result()
-        print(f"  [{done}/{len(futures)}] done {students[i].task}/{students[i].name}", file=sys.stderr, flush=True)
-    return results
+    while pending_tasks or waiting or running:
+        while len(pending_tasks) + len(running) < slots:
+            ready = next((i for i in waiting if students[i][0] in prepared), None)
+            if ready is None:
+                break
+            waiting.remove(ready)
+            running[pool.submit(students[ready][1])] = ready
+        done, _ = wait([*pending_tasks, *running], return_when=FIRST_COMPLETED)
+        for future in done:
+            if future in pending_tasks:
+                task = pending_tasks.pop(future)
+                prepared[task] = future.result()
+                on_done(task, None, prepared[task])
+            else:
+                i = running.pop(future)
+                results[i] = future.result()
+                on_done(students[i][0], i, results[i])
+    return prepared, results
+
+
+class _Progress:
+    """Says what each finished job was (a task's candidates, or which student), and records when the last task
+    was prepared and the last student done (the two overlap)."""
+
+    def __init__(self, students: list[Student], timings: dict[str, float]):
+        self.students, self.timings = students, timings
+        self.started, self.done = time.time(), 0
+
+    def __call__(self, task: str, position: int | None, result: Any) -> None:
+        if position is None:
+            self.timings["candidates, labels, pairs"] = time.time() - self.started
+            print(f"  {task}: {result['pairs']} pairs, {result['unpaired']} KTO rows, {result['sft_rows']} SFT rows, "
+                  f"mean candidate score {result['candidate_score']:.3f}", file=sys.stderr, flush=True)
+            return
+        self.done += 1
+        self.timings["students (training and evaluation)"] = time.time() - self.started
+        student = self.students[position]
+        print(f"  [{self.done}/{len(self.students)}] done {student.task}/{student.name}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
