@@ -288,16 +288,18 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       (scripts/bench/results/quality-settings-4-candidates-all-pairs-lr-2e-4.json); at 2e-4 the 4 widest pairs of
       8 candidates did no better (mean gain +0.054 against +0.056). At 4e-4 on them (align generate's and align
       pairs build's defaults) DPO beat random labels on all five tasks (scripts/bench/results/quality.json, 3
-      seeds: concise +0.155 against random labels' +0.076, caution +0.090 against +0.044, list +0.089 against
-      -0.002, example +0.062 against -0.002, warm +0.048 against +0.007; every paired advantage's interval above
+      seeds: concise +0.155 against random labels' +0.080, caution +0.092 against +0.046, list +0.087 against
+      -0.004, example +0.060 against -0.002, warm +0.048 against +0.009; every paired advantage's interval above
       0; the same on another machine, quality-settings-kto-lr-4e-4.json), at KL 0.10-0.13 per token and shorter
-      answers (0.56-0.87x). TRL's own 1e-6 barely moves a LoRA adapter (KL 0.000 per token).
+      answers (0.55-0.88x). TRL's own 1e-6 barely moves a LoRA adapter (KL 0.000 per token).
     - KTO's LoRA rate is twice DPO's, 8e-4. A KTO step of 4 rows sees 4 answers where DPO's sees 8 (4 pairs)
       plus the sft term, and at DPO's 4e-4 KTO moved less than DPO (KL 0.04-0.08 per token on caution, list
       and warm against DPO's 0.09-0.12) and beat random labels on concise and example only
-      (quality-settings-kto-lr-4e-4.json). At 8e-4 on the same rows it beat them on four tasks of five
-      (quality.json: concise +0.081 over random labels, caution +0.055, list +0.042, example +0.049, each
-      interval above 0; warm +0.010, not), at KL 0.06-0.27 per token and shorter answers (0.46-0.91x); TRL's
+      (quality-settings-kto-lr-4e-4.json). At 8e-4 on the same rows it beat them on four tasks of five in the
+      run that chose it (concise +0.081 over random labels, caution +0.055, list +0.042, example +0.049, each
+      interval above 0; warm +0.010, not) and on three in quality.json's (concise +0.076, list +0.048, example
+      +0.049; caution +0.044 with an interval from -0.005, moved there by float rounding of the reference
+      log-probs alone; warm +0.009), at KL 0.06-0.27 per token and shorter answers (0.45-0.92x); TRL's
       ``apo_zero_unpaired`` loss at 4e-4 did not (quality-settings-kto-apo-zero-unpaired.json). The README
       says where it does not hold.
     - SFT, ORPO and SimPO have no reference. SFT's loss is on completion tokens only (TRL decides that from the
