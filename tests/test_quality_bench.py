@@ -242,6 +242,10 @@ def test_the_first_student_of_each_shared_reference_goes_before_those_that_reuse
                      "concise/align-dpo/0", "concise/align-kto/0", "caution/align-dpo/0", "caution/align-kto/0",
                      "concise/align-dpo/1", "concise/align-dpo/2", "concise/random/0",
                      "caution/align-dpo/1", "caution/align-dpo/2", "caution/random/0"]
+    seeded = quality.students_of(tasks[:1], ("align-dpo", "align-kto", "random"), (0, 1), Variant(),
+                                 seeded=("align-dpo", "align-kto"))
+    assert [f"{s.method}/{s.seed}" for s in seeded] == ["align-dpo/0", "align-dpo/1", "align-kto/0", "align-kto/1",
+                                                        "random/0"]
     quick = quality.students_of(tasks, QUICK_METHODS, (0,), Variant())
     assert [f"{quick[i].task}/{quick[i].method}" for i in quality.run_order(quick)] == \
         ["concise/align-dpo", "caution/align-dpo", "concise/random", "caution/random"]

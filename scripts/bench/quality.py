@@ -106,6 +106,7 @@ log = logging.getLogger("quality")
 TRAIN_PROMPTS, HELDOUT_PROMPTS = 48, 24  # per task, at most (some tasks have fewer)
 SAMPLES_PER_PROMPT = 2  # sampled answers per held-out prompt and model, beside one greedy answer
 FULL_SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)  # align-dpo's seeds; --quick's runs are a subset of the full run's
+SEEDED = ("align-dpo",)  # the methods trained with every seed (issue 15: one seed is enough for the others)
 
 
 def sampled_eval(samples: int) -> str:
@@ -514,10 +515,10 @@ def _worker_init(threads: int) -> None:
 
 
 def students_of(tasks: list[Task], methods: tuple[str, ...], seeds: tuple[int, ...],
-                variant: Variant) -> list[Student]:
-    """One student per task and method; align-dpo has one per seed, the others seed 0."""
+                variant: Variant, seeded: tuple[str, ...] = SEEDED) -> list[Student]:
+    """One student per task and method; the ``seeded`` methods have one per seed, the others seed 0."""
     return [Student(t.name, m, s, variant) for t in tasks for m in methods
-            for s in (seeds if m == "align-dpo" else (0,))]
+            for s in (seeds if m in seeded else (0,))]
 
 
 def run_order(students: list[Student]) -> list[int]:
@@ -567,10 +568,10 @@ def plan_methods(asked: str | None, quick: bool) -> tuple[tuple[str, ...], tuple
 
 def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...], work: Path, jobs: int,
             variant: Variant, prepare_only: bool = False, report: tuple[str, ...] = (),
-            samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+            samples: int = SAMPLES_PER_PROMPT, seeded: tuple[str, ...] = SEEDED) -> dict[str, Any]:
     """Train and evaluate ``methods``; students of ``report`` already evaluated in ``work`` join the results
     (read from their files: nothing of theirs trains or evaluates)."""
-    students = students_of(tasks, methods, seeds, variant)
+    students = students_of(tasks, methods, seeds, variant, seeded)
     # Each worker is one process with 1 thread when there are 2: on 2 cores two 2-thread torch jobs ran 10-25x
     # slower than two 1-thread ones.
     threads = 1 if jobs > 1 else (os.cpu_count() or 1)
@@ -579,7 +580,7 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(threads,)) as pool:
         if prepare_only:
             return {"prepared": list(pool.map(prepare_task, tasks, [work] * len(tasks), [variant] * len(tasks)))}
-        earlier = students_of(tasks, report, seeds, variant)
+        earlier = students_of(tasks, report, seeds, variant, seeded)
         finished = [s for s in earlier if s.evaluated(work, samples)]
         if earlier:
             missing = [f"{s.task}/{s.name}" for s in earlier if not s.evaluated(work, samples)]
@@ -671,6 +672,9 @@ def main() -> None:
                                              f"{','.join(QUICK_METHODS)}); the others of the default list are "
                                              "still reported where the work dir has them evaluated")
     parser.add_argument("--seeds", help="DPO seeds, e.g. 0,1,2")
+    parser.add_argument("--every-seed", default="", metavar="METHODS",
+                        help="comma-separated methods to train with every seed too, besides align-dpo "
+                             "(e.g. align-kto: where one seed is too close to call)")
     parser.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE",
                         help="a training setting to try instead of align's default (align-dpo, align-kto, random; "
                              "SFT, ORPO and SimPO keep align's defaults); kto.KEY=VALUE or dpo.KEY=VALUE: that "
@@ -703,11 +707,16 @@ def main() -> None:
         out = out.with_name(f"{out.stem}-{variant.tag}.json")
     if args.samples_per_prompt != SAMPLES_PER_PROMPT and not args.out:
         out = out.with_name(f"{out.stem}-{sampled_eval(args.samples_per_prompt)}.json")
-    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only, report, args.samples_per_prompt)
+    seeded = tuple(dict.fromkeys((*SEEDED, *filter(None, args.every_seed.split(",")))))
+    if set(seeded) - set(METHODS):
+        raise SystemExit(f"--every-seed: unknown methods {sorted(set(seeded) - set(METHODS))}")
+    run = run_all(tasks, seeds, methods, work, args.jobs, variant, args.prepare_only, report, args.samples_per_prompt,
+                  seeded)
     if args.prepare_only:
         return
     summary = summarise(run["students"], seed=0)
     meta = {"model": MODEL, "steps": STEPS, "batch": BATCH, "candidates": args.candidates, "seeds": list(seeds),
+            "seeded_methods": list(seeded),
             "train_prompts": TRAIN_PROMPTS, "heldout_prompts": HELDOUT_PROMPTS,
             "samples_per_prompt": args.samples_per_prompt,
             "tasks": {t.name: t.kind for t in tasks}, "methods": list(methods),
