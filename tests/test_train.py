@@ -97,7 +97,7 @@ def test_a_separate_reference_is_resolved_once_and_cached_by_its_weights(
     assert separate.ref_cache == {"rows": 8, "reused": 8, "computed": 0}
 
 
-def test_the_cache_holds_answers_so_flipped_pairs_and_shared_answers_need_no_second_reference_pass(
+def test_the_cache_holds_answers_so_flipped_pairs_need_no_second_reference_pass(
         tiny_model_dir: Path, pairs_file: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = align.train.dpo(**_settings(tiny_model_dir, pairs_file, tmp_path / "first", cache, eval_split=0))
