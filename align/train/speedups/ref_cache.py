@@ -52,13 +52,8 @@ def answer_keys(row: dict[str, Any], answer_columns: Iterable[str], pairwise: bo
     (the value depends on the other answers too, as LD-DPO's does) every answer column and which answer it is."""
     columns = list(answer_columns)
     if pairwise:
-        return [_hash([[row.get(c) for c in ["prompt_ids", *columns]], column]) for column in columns]
-    return [_hash([row.get("prompt_ids"), row.get(column)]) for column in columns]
-
-
-def _hash(value: Any) -> str:
-    payload = json.dumps(value, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+        return [content_hash([[row.get(c) for c in ["prompt_ids", *columns]], column], 32) for column in columns]
+    return [content_hash([row.get("prompt_ids"), row.get(column)], 32) for column in columns]
 
 
 def weights_fingerprint(folder: str | Path, extra: str = "") -> str:
