@@ -71,12 +71,17 @@ def _merged_by_hand(base: Path, adapters: list[Path]) -> Any:
 
 
 def test_lora_after_lora_loads_with_both_runs_training_and_is_referenced_to_the_first(
-        tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path, capsys) -> None:
+        tiny_model_dir: Path, data: dict[str, Path], tmp_path: Path, capsys, monkeypatch) -> None:
     import torch
+
+    import align.train.run
 
     torch.set_num_threads(1)
     cache = tmp_path / "ref-cache"
     sft = align.train.sft(model=str(tiny_model_dir), data=str(data["sft"]), output_dir=str(tmp_path / "sft"), **_RUN)
+    # The held-out figures before training are measured, not taken from the reference's log-probs as a policy that
+    # starts as its reference allows: only a measured pass shows the reference is where the policy starts.
+    monkeypatch.setattr(align.train.run, "starts_at_reference", lambda config, trainer: False)
     # The second run's LoRA settings differ from the first's: the chain does not depend on them matching.
     dpo = align.train.dpo(model=sft.run_dir, data=str(data["pairs"]), output_dir=str(tmp_path / "dpo"),
                           eval_data=str(data["heldout"]), ref_cache_dir=str(cache),

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from align.train.heldout import margin_accuracy, pairwise_accuracy
+from align.train.heldout import figures_at_reference, margin_accuracy, mean_of_batch_means, pairwise_accuracy
 
 
 def _brute_force(rewards, desirable, tol):
@@ -43,6 +43,22 @@ def test_pairwise_accuracy_equals_counting_every_pair(tol: float) -> None:
         if all(desirable) or not any(desirable):
             continue
         assert pairwise_accuracy(rewards, desirable, tol) == pytest.approx(_brute_force(rewards, desirable, tol))
+
+
+def test_figures_at_the_reference_are_what_trl_logs_of_a_policy_that_is_its_reference() -> None:
+    # TRL averages each eval batch's mean: batches [1, 2, 3] and [10] give (2 + 10) / 2, not the rows' mean 4
+    assert mean_of_batch_means([1.0, 2.0, 3.0, 10.0], 3) == 6.0
+    assert mean_of_batch_means([1.0, 2.0, 3.0, 10.0], 3, keep=[False, True, False, False]) == 2.0  # no kept row: out
+    assert mean_of_batch_means([1.0], 3, keep=[False]) is None
+    dpo = figures_at_reference("dpo", {"ref_chosen_logps": [-4.0, -6.0], "ref_rejected_logps": [-9.0, -7.0]}, 8)
+    assert dpo == {"rewards/chosen": 0.0, "rewards/rejected": 0.0, "rewards/margins": 0.0, "rewards/accuracies": 0.5,
+                   "logps/chosen": -5.0, "logps/rejected": -8.0}
+    kto = figures_at_reference("kto", {"ref_logps": [-4.0, -9.0, -6.0]}, 8, desirable=[True, False, True],
+                               estimates_kl=True)
+    assert kto == {"kl": 0.0, "rewards/chosen": 0.0, "logps/chosen": -5.0, "rewards/rejected": 0.0,
+                   "logps/rejected": -9.0, "rewards/margins": 0.0, "rewards/accuracies": 0.5}
+    # one class only: no margin or accuracy, as TRL logs none and pairwise_accuracy gives None
+    assert "rewards/accuracies" not in figures_at_reference("kto", {"ref_logps": [-4.0]}, 8, desirable=[True])
 
 
 def _question(i: int) -> list[dict]:
@@ -86,3 +102,31 @@ def test_dpo_heldout_accuracy_is_half_before_training_and_rises(tiny_model_dir, 
     assert run["eval_before"]["rewards/accuracies"] == 0.5  # policy = reference: every margin is 0
     assert run["eval_after"]["rewards/accuracies"] > 0.9
     assert "held-out rewards/accuracies: 0.500 -> " in out and "ties count half" in out
+
+
+_ROWS = {
+    "kto": lambda i: {"prompt": _question(i), "label": bool(i % 2), "completion": [
+        {"role": "assistant", "content": "Yes, certainly." if i % 2 else "No way, never." * (1 + i % 3)}]},
+    "dpo": lambda i: {"prompt": _question(i), "chosen": [{"role": "assistant", "content": "Yes, certainly."}],
+                      "rejected": [{"role": "assistant", "content": "No way, never." * (1 + i % 3)}]},
+}
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_held_out_figures_before_training_need_no_pass_and_equal_a_measured_one(method, tiny_model_dir, tmp_path,
+                                                                               capsys, monkeypatch) -> None:
+    """A fresh LoRA student is its reference: its figures before training come from the reference's log-probs,
+    and equal what an evaluation pass measures (forced here by denying that the policy starts as the reference)."""
+    import align.train.run
+
+    rows = [_ROWS[method](i) for i in range(40)]
+    for name in ("known", "measured"):
+        (tmp_path / name).mkdir()
+    known, _ = _train_held_out(method, rows, tiny_model_dir, tmp_path / "known", capsys)
+    monkeypatch.setattr(align.train.run, "starts_at_reference", lambda config, trainer: False)
+    measured, _ = _train_held_out(method, rows, tiny_model_dir, tmp_path / "measured", capsys)
+    before, passed = known["eval_before"], measured["eval_before"]
+    assert "loss" in passed and "loss" not in before  # only the second ran an evaluation pass before training
+    assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"} <= set(before)
+    for key, value in before.items():
+        assert passed[key] == pytest.approx(value, abs=1e-4), key

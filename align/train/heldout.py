@@ -90,6 +90,49 @@ def reward_gap_in_standard_errors(rewards: Sequence[float], desirable: Sequence[
     return standard_errors_above_zero([sum(g) / len(g) - sum(b) / len(b) for g, b in by_prompt.values() if g and b])
 
 
+def mean_of_batch_means(values: Sequence[float], batch_size: int,
+                        keep: Sequence[bool] | None = None) -> float | None:
+    """A figure as TRL's DPO and KTO trainers log it over an evaluation: each batch's mean (over the rows ``keep``
+    marks, all by default; batches with none are left out), averaged over the batches in order. None when no row
+    counts."""
+    keep = [True] * len(values) if keep is None else keep
+    means = []
+    for start in range(0, len(values), batch_size):
+        kept = [v for v, k in zip(values[start:start + batch_size], keep[start:start + batch_size]) if k]
+        if kept:
+            means.append(sum(kept) / len(kept))
+    return sum(means) / len(means) if means else None
+
+
+def figures_at_reference(method: str, reference_logps: dict[str, Sequence[float]], batch_size: int, *,
+                         desirable: Sequence[bool] | None = None, estimates_kl: bool = False) -> dict[str, float]:
+    """The held-out figures of a policy that is its reference (before the first step of a DPO/KTO run whose
+    reference is its starting weights), known without an evaluation pass: every implicit reward is 0, so every
+    pair ties (accuracy 0.5, margin 0) and the answers' log-probs are the reference's own.
+
+    ``reference_logps``: DPO's ``ref_chosen_logps``/``ref_rejected_logps`` or KTO's ``ref_logps`` over the
+    held-out rows in evaluation order (KTO: with ``desirable``, each row's label); ``batch_size``: the evaluation
+    batch (TRL averages its figures over batches). Left out are what only a pass can tell: the loss, entropy and
+    logits, and a figure TRL logs for neither of a KTO set's classes."""
+    ties = {"rewards/margins": 0.0, "rewards/accuracies": 0.5}
+    if method == "dpo":
+        chosen, rejected = reference_logps["ref_chosen_logps"], reference_logps["ref_rejected_logps"]
+        if not chosen:
+            return {}
+        return {"rewards/chosen": 0.0, "rewards/rejected": 0.0, **ties,
+                "logps/chosen": mean_of_batch_means(chosen, batch_size),
+                "logps/rejected": mean_of_batch_means(rejected, batch_size)}
+    logps, labels = reference_logps["ref_logps"], list(desirable or [])
+    figures: dict[str, float] = {"kl": 0.0} if estimates_kl else {}
+    for side, wanted in (("chosen", True), ("rejected", False)):
+        mean = mean_of_batch_means(logps, batch_size, [bool(label) == wanted for label in labels])
+        if mean is not None:
+            figures.update({f"rewards/{side}": 0.0, f"logps/{side}": mean})
+    if "logps/chosen" in figures and "logps/rejected" in figures:
+        figures.update(ties)
+    return figures
+
+
 def dpo_margin(beta: float, chosen: Any, rejected: Any, ref_chosen: Any, ref_rejected: Any) -> Any:
     """The implicit reward margin beta * ((log pi - log ref)(chosen) - (log pi - log ref)(rejected)), per pair."""
     return beta * ((chosen - ref_chosen.to(chosen.device)) - (rejected - ref_rejected.to(chosen.device)))

@@ -21,7 +21,8 @@ from align.train.config import REFERENCE_METHODS, TrainConfig, build_trl_args, t
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data, prompt_key,
                               sample_for_run, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
-from align.train.heldout import HeldoutRewardsMixin, evaluate_with_accuracy, reward_tie_tolerance
+from align.train.heldout import (HeldoutRewardsMixin, evaluate_with_accuracy, figures_at_reference,
+                                 reward_tie_tolerance)
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.recorder import RunRecorder, final_loss
 from align.train.speedups import LeanHeadMixin, speedup_mixins
@@ -176,7 +177,7 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
                  "split": config.eval_split},
     }, args)
 
-    eval_before = recorder.eval_before(lambda: _evaluate(trainer, "before")) if heldout_rows else {}
+    eval_before = recorder.eval_before(lambda: _evaluate_before(trainer, config)) if heldout_rows else {}
     output = recorder.train(trainer)
     eval_after = _evaluate(trainer, "after") if heldout_rows else {}
 
@@ -263,6 +264,39 @@ def _report(diagnosis: Diagnosis) -> None:
 def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
     # null leaves the choice to align: on for CPU (where it was measured), off on a GPU.
     return config.selective_recompute if config.selective_recompute is not None else not on_gpu
+
+
+# The precomputed reference columns of each method's held-out rows (TRL's names).
+_REFERENCE_COLUMNS = {"dpo": ("ref_chosen_logps", "ref_rejected_logps"), "kto": ("ref_logps",)}
+
+
+def starts_at_reference(config: TrainConfig, trainer: Any) -> bool:
+    """Whether the policy before its first step is its reference, with the reference's held-out log-probs at hand.
+
+    A DPO/KTO run whose reference is its starting weights ("base") starts as that model: a full fine-tune holds
+    those weights, and a fresh LoRA adapter adds exactly 0 (peft starts B at 0). LD-DPO is left out: its logged
+    log-probs weigh the answers' tails, so they are not the reference's plain sums."""
+    columns = _REFERENCE_COLUMNS.get(config.method)
+    eval_dataset = getattr(trainer, "eval_dataset", None)
+    return (columns is not None and config.reference == "base" and getattr(trainer, "ld_alpha", None) is None
+            and hasattr(eval_dataset, "column_names") and set(columns) <= set(eval_dataset.column_names))
+
+
+def _evaluate_before(trainer: Any, config: TrainConfig) -> dict[str, float]:
+    """The held-out figures before training: from the reference's precomputed log-probs where the policy is its
+    reference (an evaluation pass would only repeat them, to float noise: ~18 s a run on the quality suite),
+    else measured."""
+    if not starts_at_reference(config, trainer):
+        return _evaluate(trainer, "before")
+    dataset = trainer.eval_dataset
+    columns = {name: list(dataset[name]) for name in _REFERENCE_COLUMNS[config.method]}
+    figures = figures_at_reference(
+        config.method, columns, trainer.args.per_device_eval_batch_size * trainer.accelerator.num_processes,
+        desirable=list(dataset["label"]) if config.method == "kto" else None,
+        estimates_kl=config.method == "kto" and getattr(trainer, "calculate_KL", False))
+    log.info("held-out before training: the policy is its reference, so every reward is 0 (%s)",
+             ", ".join(f"{k}={v:.4f}" for k, v in sorted(figures.items())))
+    return figures
 
 
 def _evaluate(trainer: Any, when: str) -> dict[str, float]:
