@@ -171,6 +171,22 @@ def test_greedy_answers_of_a_model_against_itself_all_tie_and_its_kl_carries_a_c
     assert code != 0 and "1 greedy answer" in err and "2 sampled answer(s)" in err and "--output-dir" in err
 
 
+def test_kl_false_skips_the_reference_pass_and_says_so(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "eval"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    code, stdout, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
+                                  "--prompts", HELDOUT, "--judge", rules, "-o", out, "max_new_tokens=6", "--greedy",
+                                  "kl=false")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["kl_per_token"], metrics["kl_per_sequence"]) == (None, None)
+    assert metrics["kl_caveat"] == "not measured (kl: false)" and "not measured" in stdout
+    rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
+    assert rows and all(row["log_ratios"] == [] for row in rows)  # no answer was scored under the reference
+    assert metrics["score_diff"] == 0.0  # the rest of eval is unchanged: a model against itself ties
+
+
 def test_greedy_with_several_samples_per_prompt_is_refused(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
                              "--prompts", HELDOUT, "--judge", tmp_path / "rules.yaml", "-o", tmp_path / "eval",

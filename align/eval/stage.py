@@ -26,7 +26,8 @@ Then:
 * KL(student || reference), estimated on the student's own samples:
   E_y~student [log p_student(y|x) - log p_reference(y|x)], per sequence and per token
   (with greedy answers, or temperature / top_p not 1, a log-ratio with a ``kl_caveat``); log p_student is
-  what the student recorded as it answered, so only the reference scores the answers again;
+  what the student recorded as it answered, so only the reference scores the answers again (``kl: false`` skips
+  that pass);
 * response length (tokens, words) and how often the length cap was hit;
 * implicit-reward accuracy (ties half, as training counts them) and margin on held-out pairs, when given.
 """
@@ -88,6 +89,8 @@ class EvalConfig(StrictConfig):
     reference_answers: Path | None = Field(
         None, description="where the reference's answers live, to share them between evals of several students "
         "against one reference (same prompts and settings): written by the first, reused by the rest")
+    kl: bool = Field(True, description="score the student's answers under the reference for KL(student || "
+                     "reference); false skips that pass (with greedy answers it gives only a log-ratio)")
     seed: int = 0
     batch_size: int = Field(32, ge=1)
     report_to: list[Literal["wandb"]] = Field(default_factory=list)
@@ -177,7 +180,8 @@ def run_eval(config: EvalConfig) -> EvalResult:
                    lc_length_slope=lc.slope, lc_length_unit=unit)
     metrics.update(_lengths(sampled, prompt_ids))
     metrics["identical_answers"] = _identical_share(sampled, prompt_ids)
-    kl = _kl(config, sampled["model"], prompt_ids)
+    kl = (_kl(config, sampled["model"], prompt_ids) if config.kl
+          else _unmeasured(prompt_ids, "not measured (kl: false)"))
     metrics.update(kl_per_token=kl["per_token"], kl_per_sequence=kl["per_sequence"], kl_caveat=kl["caveat"])
     for pid, values in zip(prompt_ids, kl["sequences"]):
         per_prompt[pid]["log_ratios"] = values
@@ -385,6 +389,11 @@ def _response_ids(tokenizer: Any, response: Any) -> list[int]:
     return tokenizer.encode(response.text, add_special_tokens=False)
 
 
+def _unmeasured(prompt_ids: list[str], caveat: str) -> dict[str, Any]:
+    """What :func:`_kl` returns when there is no KL to give, and why."""
+    return {"per_sequence": None, "per_token": None, "sequences": [[] for _ in prompt_ids], "caveat": caveat}
+
+
 def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: list[str]) -> dict[str, Any]:
     """Monte-Carlo KL(student || reference) on the student's own samples (unbiased at temperature 1),
     over all K answers of every prompt; ``sequences`` holds each prompt's K log-ratios."""
@@ -408,8 +417,7 @@ def _kl(config: EvalConfig, model_rows: dict[str, CandidateSet], prompt_ids: lis
     # them): a second forward pass over every answer would only repeat them, to float rounding.
     have_recorded = all(value is not None for value, _ in recorded)
     if served and not have_recorded:
-        return {"per_sequence": None, "per_token": None, "sequences": [[] for _ in prompt_ids],
-                "caveat": f"{config.model} returned no log-probs for its tokens: no KL"}
+        return _unmeasured(prompt_ids, f"{config.model} returned no log-probs for its tokens: no KL")
     log.info("scoring the student's %d samples under %sthe reference", len(prompts),
              "" if have_recorded else "the student and ")
     student = recorded if have_recorded else \
