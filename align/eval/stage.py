@@ -137,29 +137,14 @@ class EvalResult:
 
 
 def run_eval(config: EvalConfig) -> EvalResult:
-    from align.generate import generate
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rules = _load_rules(config.judge) if config.judge else None
     k = config.samples_per_prompt
     temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
     sampled, answers = {}, {}
-    for role, spec in (("model", config.model), ("reference", config.reference)):
-        shared = role == "reference" and config.reference_answers is not None
-        path = Path(config.reference_answers) if shared else out / f"responses_{role}.jsonl"
-        log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
-                 role, spec, k, path)
-        # Every answer comes with its tokens' log-probs (for the KL below); a served student's over HTTP.
-        served = role == "model" and is_server_url(spec)
-        where = _served(config) if served else {"model": spec}
-        # Evals of several students may share the reference's answers at once: one writes, the others wait.
-        with file_lock(path.with_name(path.name + ".lock")) if shared else contextlib.nullcontext():
-            _check_earlier_answers(path, k, config.greedy)
-            # Resumable like every stage: a rerun keeps what is already written.
-            generate(**where, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
-                     temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
-                     seed=config.seed, logprobs=0, batch_size=config.batch_size)
+    for role in ("model", "reference"):
+        path = write_answers(config, role)
         sampled[role] = {row.prompt_id: row for row in read_records(path, "candidates")}
         answers[role] = str(path)
     prompt_ids = sorted(set(sampled["model"]) & set(sampled["reference"]))
@@ -387,6 +372,31 @@ def _response_ids(tokenizer: Any, response: Any) -> list[int]:
     if response.logprobs and all("token_id" in t for t in response.logprobs):
         return [int(t["token_id"]) for t in response.logprobs]
     return tokenizer.encode(response.text, add_special_tokens=False)
+
+
+def write_answers(config: EvalConfig, role: Literal["model", "reference"]) -> Path:
+    """The answers of ``role`` that ``config`` compares, generated unless already there (resumable like every stage:
+    a rerun keeps what is written); the reference's at ``reference_answers`` when given, so that evals of several
+    students, or a caller preparing them ahead, share one set."""
+    from align.generate import generate
+
+    k = config.samples_per_prompt
+    temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
+    spec = config.model if role == "model" else config.reference
+    shared = role == "reference" and config.reference_answers is not None
+    path = Path(config.reference_answers) if shared else Path(config.output_dir) / f"responses_{role}.jsonl"
+    log.info("%s the %s's answers (%s, %d per prompt) -> %s", "decoding" if config.greedy else "sampling",
+             role, spec, k, path)
+    # Every answer comes with its tokens' log-probs (for the KL); a served student's over HTTP.
+    where = _served(config) if role == "model" and is_server_url(spec) else {"model": spec}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Evals of several students may share the reference's answers at once: one writes, the others wait.
+    with file_lock(path.with_name(path.name + ".lock")) if shared else contextlib.nullcontext():
+        _check_earlier_answers(path, k, config.greedy)
+        generate(**where, prompts=config.prompts, output=path, num_candidates=k, greedy_first=False,
+                 temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=config.max_new_tokens,
+                 seed=config.seed, logprobs=0, batch_size=config.batch_size)
+    return path
 
 
 def _unmeasured(prompt_ids: list[str], caveat: str) -> dict[str, Any]:
