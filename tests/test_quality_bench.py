@@ -277,19 +277,41 @@ def test_students_start_as_their_task_is_prepared_best_first_and_never_queue_ahe
         return name.upper()
 
     finished: list[tuple[str, int | None]] = []
-    jobs = [("caution", lambda: student("caution 1")), ("concise", lambda: student("concise 1")),
-            ("concise", lambda: student("concise 2"))]
+    jobs = [("caution", [lambda: student("caution 1")]), ("concise", [lambda: student("concise 1")]),
+            ("concise", [lambda: student("concise 2")])]
     with ThreadPoolExecutor(max_workers=2) as pool:
         prepared, results = quality.schedule(
             pool, 2, {"concise": lambda: prepare("concise"), "caution": lambda: prepare("caution")}, jobs,
             lambda task, position, result: finished.append((task, position)))
     assert started == ["prepare concise", "concise 1", "prepare caution", "caution 1", "concise 2"]
     assert prepared == {"concise": "concise", "caution": "caution"}
-    assert results == ["CAUTION 1", "CONCISE 1", "CONCISE 2"]  # in the students' order, not the finishing one
+    assert results == [["CAUTION 1"], ["CONCISE 1"], ["CONCISE 2"]]  # in the students' order, not the finishing one
     assert sorted(finished, key=str) == sorted([("concise", None), ("caution", None), ("caution", 0),
                                                 ("concise", 1), ("concise", 2)], key=str)
     with pytest.raises(ValueError, match="warm"):
-        quality.schedule(pool, 2, {}, [("warm", lambda: None)], lambda *_: None)
+        quality.schedule(pool, 2, {}, [("warm", [lambda: None])], lambda *_: None)
+
+
+def test_a_students_evaluation_queues_behind_the_students_not_yet_trained() -> None:
+    """One worker, two students of a train and an evaluate job each: both train before either is evaluated, so a
+    run ends on the short jobs; each student's results come back in its jobs' order, and the progress hears of
+    the training (result None) before the evaluation."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ran: list[str] = []
+
+    def job(name: str) -> str:
+        ran.append(name)
+        return name
+
+    students = [("concise", [lambda s=s, j=j: job(f"{j} {s}") for j in ("train", "evaluate")]) for s in "ab"]
+    heard: list[tuple[int | None, Any]] = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        _, results = quality.schedule(pool, 1, {"concise": lambda: "ready"}, students,
+                                      lambda task, position, result: heard.append((position, result)))
+    assert ran == ["train a", "train b", "evaluate a", "evaluate b"]
+    assert results == [["train a", "evaluate a"], ["train b", "evaluate b"]]
+    assert heard == [(None, "ready"), (0, None), (1, None), (0, "evaluate a"), (1, "evaluate b")]
 
 
 def fake_evaluation(student: Student, work: Path, diffs: dict[str, float], sampled: str = "sample") -> None:

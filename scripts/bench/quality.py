@@ -320,7 +320,9 @@ def random_labels(pairs: Path, output: Path, seed: int = 0) -> None:
     output.write_text("".join(rows))
 
 
-def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
+def prepare_task(task: Task, work: Path, variant: Variant, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    """The task's data (candidates, labels, DPO pairs, KTO rows, SFT rows, random labels) and the reference's answers
+    to its held-out prompts, before any of its students trains; the figures the progress line shows."""
     from align.data.pairs import build_pairs
     from align.generate import generate
     from align.label.stages import label_rules
@@ -342,6 +344,7 @@ def prepare_task(task: Task, work: Path, variant: Variant) -> dict[str, Any]:
     built = build_pairs(judgements, pairs, unpaired=unpaired, **dict(variant.pairs))
     random_labels(pairs, data / "pairs_random.jsonl")
     sft_rows = select_answers(judgements, folder / variant.select_tag / "sft.jsonl")
+    write_reference_answers(task, work, samples)
     scores = [json.loads(line)["score"] or 0.0 for line in judgements.read_text().splitlines()]
     return {"task": task.name, "pairs": built.pairs, "unpaired": built.balance.desirable + built.balance.undesirable
             if built.balance else 0, "sft_rows": sft_rows, "candidate_score": sum(scores) / len(scores),
@@ -457,23 +460,40 @@ def _train_plain_trl(pairs: Path, run_dir: Path, seed: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
+def eval_config(task: Task, work: Path, model: str, output_dir: Path, decoding: str,
+                samples: int = SAMPLES_PER_PROMPT) -> Any:
+    """``align eval``'s settings for a student (``model``) on a task's held-out prompts: ``samples`` sampled answers per
+    prompt, or one greedy; the reference's answers are shared by every student of the task (any variant)."""
+    from align.eval import EvalConfig
+
+    k, name = (samples, sampled_eval(samples)) if decoding == "sample" else (1, "greedy")
+    # KL(student || reference) is an expectation over the student's samples: the greedy answers would give a
+    # log-ratio only, which the suite does not report, so their reference pass (~6 s a student) is skipped.
+    return EvalConfig(model=model, reference=MODEL, prompts=work / task.name / "heldout_prompts.jsonl",
+                      output_dir=output_dir, judge=task.rules, max_new_tokens=EVAL_TOKENS, samples_per_prompt=k,
+                      decoding=decoding, seed=0, reference_answers=work / task.name / f"reference-{name}.jsonl",
+                      kl=decoding == "sample")
+
+
+def write_reference_answers(task: Task, work: Path, samples: int = SAMPLES_PER_PROMPT) -> None:
+    """The reference's sampled and greedy answers to the held-out prompts, which every student's eval reads."""
+    from align.eval import write_answers
+
+    for decoding in ("sample", "greedy"):
+        write_answers(eval_config(task, work, MODEL, work / task.name, decoding, samples), "reference")
+
+
 def evaluate_student(student: Student, work: Path, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
     """``align eval`` of one student against the reference, sampled (``samples`` answers per prompt) and greedy; the
     reference's answers are shared."""
-    from align.eval import EvalConfig, run_eval
+    from align.eval import run_eval
 
     folder = student.folder(work)
     task = next(t for t in load_tasks() if t.name == student.task)
     out: dict[str, Any] = {"task": student.task, "method": student.method, "seed": student.seed}
-    for decoding, k, name in (("sample", samples, sampled_eval(samples)), ("greedy", 1, "greedy")):
+    for decoding, name in (("sample", sampled_eval(samples)), ("greedy", "greedy")):
         eval_dir = folder / "eval" / student.name / name
-        shared = work / student.task / f"reference-{name}.jsonl"  # the same for every variant
-        # KL(student || reference) is an expectation over the student's samples: the greedy answers would give a
-        # log-ratio only, which the suite does not report, so their reference pass (~6 s a student) is skipped.
-        config = EvalConfig(model=str(folder / "runs" / student.name), reference=MODEL,
-                            prompts=work / student.task / "heldout_prompts.jsonl", output_dir=eval_dir, judge=task.rules,
-                            max_new_tokens=EVAL_TOKENS, samples_per_prompt=k, decoding=decoding, seed=0,
-                            reference_answers=shared, kl=decoding == "sample")
+        config = eval_config(task, work, str(folder / "runs" / student.name), eval_dir, decoding, samples)
         metrics = json.loads((eval_dir / "metrics.json").read_text()) if (eval_dir / "metrics.json").exists() \
             else run_eval(config).metrics
         out[decoding] = {key: metrics.get(key) for key in (
@@ -547,14 +567,18 @@ def run_order(students: list[Student]) -> list[int]:
     return sorted(range(len(students)), key=lambda i: (reuses[i], students[i].method != "trl-dpo"))
 
 
-def train_and_evaluate(student: Student, work: Path, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
-    """One student from training to evaluation in one worker, so no worker waits for every student's training
-    to end before it evaluates; the seconds each took go into the results."""
+def train_phase(student: Student, work: Path) -> dict[str, float]:
+    """A student's training, as one job of the pool; the seconds it took."""
     started = time.time()
     train_student(student, work)
-    trained = time.time()
+    return {"training": round(time.time() - started, 1)}
+
+
+def evaluate_phase(student: Student, work: Path, samples: int = SAMPLES_PER_PROMPT) -> dict[str, Any]:
+    """A student's evaluation, as one job of the pool; its results, with the seconds it took."""
+    started = time.time()
     result = evaluate_student(student, work, samples)
-    result["seconds"] = {"training": round(trained - started, 1), "evaluation": round(time.time() - trained, 1)}
+    result["seconds"] = {"evaluation": round(time.time() - started, 1)}
     return result
 
 
@@ -585,7 +609,8 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
     timings: dict[str, float] = {}
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init, initargs=(threads,)) as pool:
         if prepare_only:
-            return {"prepared": list(pool.map(prepare_task, tasks, [work] * len(tasks), [variant] * len(tasks)))}
+            return {"prepared": list(pool.map(prepare_task, tasks, [work] * len(tasks), [variant] * len(tasks),
+                                              [samples] * len(tasks)))}
         earlier = students_of(tasks, report, seeds, variant, seeded)
         finished = [s for s in earlier if s.evaluated(work, samples)]
         if earlier:
@@ -595,14 +620,17 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
                   file=sys.stderr, flush=True)
         everyone = students + finished
         order = [*run_order(students), *range(len(students), len(everyone))]
-        jobs_in_order = [(everyone[i].task, functools.partial(
-            train_and_evaluate if i < len(students) else evaluate_student, everyone[i], work, samples))
-            for i in order]  # the earlier students are read from their files: nothing of theirs runs again
-        preparations = {t.name: functools.partial(prepare_task, t, work, variant) for t in tasks}
+        # the earlier students are read from their files: nothing of theirs runs again
+        jobs_in_order = [(everyone[i].task, (
+            [functools.partial(train_phase, everyone[i], work)] if i < len(students) else [])
+            + [functools.partial(evaluate_phase, everyone[i], work, samples)]) for i in order]
+        preparations = {t.name: functools.partial(prepare_task, t, work, variant, samples) for t in tasks}
         prepared, results = schedule(pool, jobs, preparations, jobs_in_order,
                                      _Progress([everyone[i] for i in order], timings))
         evaluated: list[Any] = [None] * len(everyone)
-        for i, result in zip(order, results):
+        for i, phases in zip(order, results):
+            *trained, result = phases
+            result["seconds"] = {**(trained[0] if trained else {}), **result["seconds"]}
             evaluated[i] = result
     for phase in ("training", "evaluation"):  # summed over workers, which run side by side
         timings[f"{phase}, worker seconds"] = sum(r.get("seconds", {}).get(phase, 0.0) for r in evaluated)
@@ -612,40 +640,48 @@ def run_all(tasks: list[Task], seeds: tuple[int, ...], methods: tuple[str, ...],
 
 
 def schedule(pool: Any, slots: int, preparations: dict[str, Callable[[], Any]],
-             students: list[tuple[str, Callable[[], Any]]], on_done: Callable[[str, int | None, Any], None]
-             ) -> tuple[dict[str, Any], list[Any]]:
-    """Every task's preparation, then each student (``(task, job)``, best first) as soon as its task is prepared;
-    the results by task and in the students' order.
+             students: list[tuple[str, list[Callable[[], Any]]]], on_done: Callable[[str, int | None, Any], None]
+             ) -> tuple[dict[str, Any], list[list[Any]]]:
+    """Every task's preparation, then each student's jobs in turn (``(task, [train, evaluate])``, students best
+    first) as soon as its task is prepared; the results by task, and each student's jobs' results in the students'
+    order.
 
-    Students go to the pool only while it has a free worker (counting the preparations it still holds): queued any
+    Jobs go to the pool only while it has a free worker (counting the preparations it still holds): queued any
     earlier, a student of the first task prepared would wait ahead of better ones (plain TRL's) of tasks prepared
-    later, and at the end a worker idled. With 5 tasks on 2 workers the last preparation ran alone (~2 min of a
-    core) when every student waited for all of them."""
+    later, and at the end a worker idled. A student's next job (its evaluation, ~1 minute) queues behind every
+    student not yet started (training, ~4-8 minutes), so the run ends on short jobs: as one job for both, the last
+    task's last student trained and was evaluated alone for 4 minutes while the other worker had nothing to do.
+
+    ``on_done(task, student, result)`` follows each preparation (student None) and each job (result None for a job
+    before the student's last)."""
     unprepared = {task for task, _ in students} - set(preparations)
     if unprepared:
         raise ValueError(f"students of tasks nothing prepares: {sorted(unprepared)}")
     pending_tasks = {pool.submit(job): task for task, job in preparations.items()}
-    waiting = list(range(len(students)))
-    running: dict[Any, int] = {}
+    waiting = [(i, 0) for i in range(len(students))]  # (student, its next job)
+    running: dict[Any, tuple[int, int]] = {}
     prepared: dict[str, Any] = {}
-    results: list[Any] = [None] * len(students)
+    results: list[list[Any]] = [[] for _ in students]
     while pending_tasks or waiting or running:
         while len(pending_tasks) + len(running) < slots:
-            ready = next((i for i in waiting if students[i][0] in prepared), None)
+            ready = next(((i, job) for i, job in waiting if students[i][0] in prepared), None)
             if ready is None:
                 break
             waiting.remove(ready)
-            running[pool.submit(students[ready][1])] = ready
+            running[pool.submit(students[ready[0]][1][ready[1]])] = ready
         done, _ = wait([*pending_tasks, *running], return_when=FIRST_COMPLETED)
         for future in done:
             if future in pending_tasks:
                 task = pending_tasks.pop(future)
                 prepared[task] = future.result()
                 on_done(task, None, prepared[task])
-            else:
-                i = running.pop(future)
-                results[i] = future.result()
-                on_done(students[i][0], i, results[i])
+                continue
+            i, job = running.pop(future)
+            results[i].append(future.result())
+            last = job + 1 == len(students[i][1])
+            if not last:
+                waiting.append((i, job + 1))
+            on_done(students[i][0], i, results[i][-1] if last else None)
     return prepared, results
 
 
@@ -663,9 +699,12 @@ class _Progress:
             print(f"  {task}: {result['pairs']} pairs, {result['unpaired']} KTO rows, {result['sft_rows']} SFT rows, "
                   f"mean candidate score {result['candidate_score']:.3f}", file=sys.stderr, flush=True)
             return
+        student = self.students[position]
+        if result is None:  # a job before the student's last: its training
+            print(f"  trained {student.task}/{student.name}; its evaluation is queued", file=sys.stderr, flush=True)
+            return
         self.done += 1
         self.timings["students (training and evaluation)"] = time.time() - self.started
-        student = self.students[position]
         print(f"  [{self.done}/{len(self.students)}] done {student.task}/{student.name}", file=sys.stderr, flush=True)
 
 
