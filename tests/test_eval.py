@@ -107,16 +107,21 @@ def test_eval_needs_a_judge(tiny_model_dir: Path, tmp_path: Path, capsys) -> Non
     assert code != 0 and "give a judge" in err
 
 
-def test_k_samples_per_prompt_are_compared_kth_with_kth_and_paired_by_prompt(tiny_model_dir: Path, tmp_path: Path,
-                                                                             capsys) -> None:
-    out = tmp_path / "eval"
+def _eval_against_itself(tiny_model_dir: Path, tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
+    """``align eval`` of the tiny model against itself on the held-out prompts with RULES: (metrics.json, stdout)."""
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     code, stdout, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
-                                  "--prompts", HELDOUT, "--judge", rules, "-o", out, "--samples-per-prompt", "2",
-                                  "max_new_tokens=12")
+                                  "--prompts", HELDOUT, "--judge", rules, "-o", tmp_path / "eval", *args)
     assert code == 0, err
-    metrics = json.loads((out / "metrics.json").read_text())
+    return json.loads((tmp_path / "eval" / "metrics.json").read_text()), stdout
+
+
+def test_k_samples_per_prompt_are_compared_kth_with_kth_and_paired_by_prompt(tiny_model_dir: Path, tmp_path: Path,
+                                                                             capsys) -> None:
+    out = tmp_path / "eval"
+    metrics, stdout = _eval_against_itself(tiny_model_dir, tmp_path, capsys, "--samples-per-prompt", "2",
+                                           "max_new_tokens=12")
     assert metrics["samples_per_prompt"] == 2 and metrics["prompts"] == 40
     assert metrics["wins"] + metrics["ties"] + metrics["losses"] == 80
     assert metrics["win_rate_ci_low"] <= 0.5 <= metrics["win_rate_ci_high"]
@@ -173,13 +178,7 @@ def test_greedy_answers_of_a_model_against_itself_all_tie_and_its_kl_carries_a_c
 
 def test_kl_false_skips_the_reference_pass_and_says_so(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "eval"
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(RULES)
-    code, stdout, err = run_align(capsys, "eval", "--model", tiny_model_dir, "--reference", tiny_model_dir,
-                                  "--prompts", HELDOUT, "--judge", rules, "-o", out, "max_new_tokens=6", "--greedy",
-                                  "kl=false")
-    assert code == 0, err
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics, stdout = _eval_against_itself(tiny_model_dir, tmp_path, capsys, "max_new_tokens=6", "--greedy", "kl=false")
     assert (metrics["kl_per_token"], metrics["kl_per_sequence"]) == (None, None)
     assert metrics["kl_caveat"] == "not measured (kl: false)" and "not measured" in stdout
     rows = [json.loads(line) for line in (out / "per_prompt.jsonl").read_text().splitlines()]
