@@ -28,7 +28,7 @@ Results: a table on stdout, ``scripts/bench/results/quality[-quick].json`` and a
 completes the table, with the random control beside them, instead of replacing it.
 
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py            # everything, ~3 h on 2 cores
-    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~16 min
+    flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --quick    # 2 tasks, DPO vs random, ~13 min
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-dpo,align-kto,random,trl-dpo
     flock /tmp/align-cpu.lock .venv/bin/python scripts/bench/quality.py --methods align-sft,align-orpo,align-simpo
 
@@ -97,7 +97,7 @@ REGISTRY = {
 # without the task's hint, so with none of the teacher's its candidates may hold no answer the rules like.
 ROUND_TEACHER_SHARE = 0.5
 METHODS = tuple(REGISTRY)
-# --quick keeps its one question (and ~20 min): the three reference-free methods would add 6 trainings of ~5 min
+# --quick keeps its one question (and its ~13 min): the three reference-free methods would add 6 trainings of ~5 min
 QUICK_TASKS, QUICK_METHODS = ("concise", "caution"), ("align-dpo", "random")
 
 log = logging.getLogger("quality")
@@ -711,7 +711,7 @@ class _Progress:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="2 tasks, align's DPO beside the random control, one seed (~20 min)")
+                        help="2 tasks, align's DPO beside the random control, one seed (~13 min)")
     parser.add_argument("--tasks", help="comma-separated task names (default: all, or the quick two)")
     parser.add_argument("--methods", help=f"comma-separated, from {','.join(METHODS)} (default: all; --quick: "
                                              f"{','.join(QUICK_METHODS)}); the others of the default list are "
