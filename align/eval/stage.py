@@ -114,6 +114,11 @@ class EvalConfig(StrictConfig):
     def greedy(self) -> bool:
         return self.decoding == "greedy"
 
+    @property
+    def sampling(self) -> tuple[float, float]:
+        """(temperature, top_p) the answers are decoded with: greedy is temperature 0."""
+        return (0.0, 1.0) if self.greedy else (self.temperature, self.top_p)
+
 
 @dataclass
 class EvalResult:
@@ -141,7 +146,7 @@ def run_eval(config: EvalConfig) -> EvalResult:
     out.mkdir(parents=True, exist_ok=True)
     rules = _load_rules(config.judge) if config.judge else None
     k = config.samples_per_prompt
-    temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
+    temperature, top_p = config.sampling
     sampled, answers = {}, {}
     for role in ("model", "reference"):
         path = write_answers(config, role)
@@ -381,7 +386,7 @@ def write_answers(config: EvalConfig, role: Literal["model", "reference"]) -> Pa
     from align.generate import generate
 
     k = config.samples_per_prompt
-    temperature, top_p = (0.0, 1.0) if config.greedy else (config.temperature, config.top_p)
+    temperature, top_p = config.sampling
     spec = config.model if role == "model" else config.reference
     shared = role == "reference" and config.reference_answers is not None
     path = Path(config.reference_answers) if shared else Path(config.output_dir) / f"responses_{role}.jsonl"

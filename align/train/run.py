@@ -26,7 +26,7 @@ from align.train.heldout import (HeldoutRewardsMixin, evaluate_with_accuracy, fi
 from align.train.preflight import check_or_raise, run_preflight
 from align.train.recorder import RunRecorder, final_loss
 from align.train.speedups import LeanHeadMixin, speedup_mixins
-from align.train.speedups.ref_cache import RefLogpStore, module_fingerprint, weights_fingerprint
+from align.train.speedups.ref_cache import ANSWERS, RefLogpStore, module_fingerprint, weights_fingerprint
 from align.train.start import name_adapter_base, started_from
 
 log = logging.getLogger(__name__)
@@ -266,20 +266,23 @@ def _selective_recompute(config: TrainConfig, on_gpu: bool) -> bool:
     return config.selective_recompute if config.selective_recompute is not None else not on_gpu
 
 
-# The precomputed reference columns of each method's held-out rows (TRL's names).
-_REFERENCE_COLUMNS = {"dpo": ("ref_chosen_logps", "ref_rejected_logps"), "kto": ("ref_logps",)}
-
-
 def starts_at_reference(config: TrainConfig, trainer: Any) -> bool:
     """Whether the policy before its first step is its reference, with the reference's held-out log-probs at hand.
 
     A DPO/KTO run whose reference is its starting weights ("base") starts as that model: a full fine-tune holds
     those weights, and a fresh LoRA adapter adds exactly 0 (peft starts B at 0). LD-DPO is left out: its logged
     log-probs weigh the answers' tails, so they are not the reference's plain sums."""
-    columns = _REFERENCE_COLUMNS.get(config.method)
+    columns = _reference_columns(config.method)
     eval_dataset = getattr(trainer, "eval_dataset", None)
     return (columns is not None and config.reference == "base" and getattr(trainer, "ld_alpha", None) is None
             and hasattr(eval_dataset, "column_names") and set(columns) <= set(eval_dataset.column_names))
+
+
+def _reference_columns(method: str) -> list[str] | None:
+    """The precomputed reference log-prob columns of a DPO/KTO row's own answers (not KTO's mismatched KL ones)."""
+    if method not in ANSWERS:
+        return None
+    return [value for ids, value in ANSWERS[method] if ids != "KL_completion_ids"]
 
 
 def _evaluate_before(trainer: Any, config: TrainConfig) -> dict[str, float]:
@@ -289,7 +292,7 @@ def _evaluate_before(trainer: Any, config: TrainConfig) -> dict[str, float]:
     if not starts_at_reference(config, trainer):
         return _evaluate(trainer, "before")
     dataset = trainer.eval_dataset
-    columns = {name: list(dataset[name]) for name in _REFERENCE_COLUMNS[config.method]}
+    columns = {name: list(dataset[name]) for name in _reference_columns(config.method)}
     figures = figures_at_reference(
         config.method, columns, trainer.args.per_device_eval_batch_size * trainer.accelerator.num_processes,
         desirable=list(dataset["label"]) if config.method == "kto" else None,
