@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,32 @@ def test_kto_sets_class_weights_from_eq8(tiny_model_dir: Path, tmp_path: Path, i
     ratio = args["desirable_weight"] * 4 / (args["undesirable_weight"] * 12)
     assert 1.0 <= ratio <= 4 / 3
     assert "set automatically" in caplog.text
+
+
+def test_kto_trains_on_its_rows_shuffled_not_grouped_by_prompt(tiny_model_dir: Path, tmp_path: Path,
+                                                               isolated_cache: Path) -> None:
+    # TRL's KTOTrainer reads rows in order and takes each row's KL completion from its batch neighbour; rows as
+    # `align pairs build` writes them (a prompt's answers together) made every step one prompt's answers.
+    from align.train.run import train
+
+    rows = [{"prompt": f"Question {p}?", "completion": f" Answer {p}.{k}", "label": k < 2}
+            for p in range(8) for k in range(4)]
+    data = tmp_path / "kto.jsonl"
+    write_records(data, rows)
+    seen: list[list[tuple[int, ...]]] = []
+
+    class RecordOrder:  # the order TRL reads, each row named by its prompt's tokens
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            seen.append([tuple(ids) for ids in self.train_dataset["prompt_ids"]])
+            return super().train(*args, **kwargs)
+
+    settings = _settings(tiny_model_dir, data, tmp_path / "kto", isolated_cache, eval_split=0,
+                         max_steps=8, per_device_train_batch_size=4)  # 32 rows: all of them, in one epoch
+    train(align.train.load_train_config("kto", **settings), extra_mixins=(RecordOrder,))
+    order = seen[0]
+    assert len(order) == 32 and sorted(Counter(order).values()) == [4] * 8
+    neighbours_of_one_prompt = sum(a == b for a, b in zip(order, order[1:]))
+    assert neighbours_of_one_prompt < 12, order  # 24 in file order; a shuffle of 8 prompts x 4 expects ~9
 
 
 def test_bad_config_fails_before_any_model_is_loaded(tmp_path: Path, pairs_file: Path, capsys) -> None:

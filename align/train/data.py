@@ -161,6 +161,15 @@ def split_holdout(rows: list[dict[str, Any]], fraction: float, seed: int) -> tup
     return train, heldout
 
 
+def shuffled(rows: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """The rows in a seeded random order (the same on resume)."""
+    import random
+
+    out = list(rows)
+    random.Random(seed).shuffle(out)
+    return out
+
+
 def sample_for_run(rows: list[dict[str, Any]], n: int, seed: int, *, stratify_by: str | None = None) -> list:
     """A seeded sample of ``n`` rows, for runs shorter than an epoch (the reference is computed for these alone).
 

@@ -19,7 +19,7 @@ from align.errors import ConfigError
 from align.models import ModelSource, load_model, load_tokenizer, resolve_model
 from align.train.config import REFERENCE_METHODS, TrainConfig, build_trl_args, trl_trainer_class
 from align.train.data import (AUTO_EVAL_MIN_PROMPTS, auto_eval_split, count_prompts, load_training_data, prompt_key,
-                              sample_for_run, split_holdout)
+                              sample_for_run, shuffled, split_holdout)
 from align.train.diagnosis import Diagnosis, diagnose
 from align.train.heldout import (HeldoutRewardsMixin, evaluate_with_accuracy, figures_at_reference,
                                  reward_tie_tolerance)
@@ -111,6 +111,11 @@ def train(config: TrainConfig, *, resume: bool = False, extra_mixins: Sequence[t
                           extra_loss=", ".join(extra_losses) or None)
     init = model_init_kwargs(args)
     train_rows, heldout_rows = _split_heldout(config, data.rows, args.seed)
+    if config.method == "kto":
+        # TRL's KTOTrainer reads its rows in order (a sequential sampler: each row's KL completion is its batch
+        # neighbour's, fixed before training). Files list a prompt's answers together, so in file order every step
+        # fit one or two prompts' answers and the KL estimate came from those same answers, not mismatched ones.
+        train_rows, heldout_rows = shuffled(train_rows, args.seed), shuffled(heldout_rows, args.seed)
     # Resolved once here (a bad spec fails before any model loads; bundled weights convert once) and passed down.
     student = resolve_model(config.model)
     reference = resolve_model(config.reference) if config.reference != "base" else None
