@@ -293,15 +293,14 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
       0; the same on another machine, quality-settings-kto-lr-4e-4.json), at KL 0.10-0.13 per token and shorter
       answers (0.55-0.88x). TRL's own 1e-6 barely moves a LoRA adapter (KL 0.000 per token).
     - KTO's LoRA rate is twice DPO's, 8e-4. A KTO step of 4 rows sees 4 answers where DPO's sees 8 (4 pairs)
-      plus the sft term, and at DPO's 4e-4 KTO moved less than DPO (KL 0.04-0.08 per token on caution, list
-      and warm against DPO's 0.09-0.12) and beat random labels on concise and example only
-      (quality-settings-kto-lr-4e-4.json). At 8e-4 on the same rows it beat them on four tasks of five in the
-      run that chose it (concise +0.081 over random labels, caution +0.055, list +0.042, example +0.049, each
-      interval above 0; warm +0.010, not) and on three in quality.json's (concise +0.076, list +0.048, example
-      +0.049; caution +0.044 with an interval from -0.005, moved there by float rounding of the reference
-      log-probs alone; warm +0.009), at KL 0.06-0.27 per token and shorter answers (0.45-0.92x); TRL's
-      ``apo_zero_unpaired`` loss at 4e-4 did not (quality-settings-kto-apo-zero-unpaired.json). The README
-      says where it does not hold.
+      plus the sft term. On its rows in a seeded shuffle (align.train.run: TRL's KTOTrainer reads them in order)
+      KTO at 8e-4 beat random labels on four tasks of five (quality-kto-shuffled.json: concise +0.084
+      over random labels, list +0.128, example +0.065, warm +0.042, each interval above 0; caution -0.016, not)
+      at KL 0.09-0.37 per token and shorter answers (0.37-0.98x); at DPO's 4e-4 on two (concise and example;
+      caution, list and warm barely moved, KL 0.03-0.05 per token; quality-settings-kto-shuffled-lr-4e-4.json).
+      Before the shuffle (rows in file order) 8e-4 held on three or four tasks and 4e-4 on two
+      (quality-settings-kto-lr-4e-4.json); TRL's ``apo_zero_unpaired`` loss at 4e-4 did not
+      (quality-settings-kto-apo-zero-unpaired.json). The README says where it does not hold.
     - SFT, ORPO and SimPO have no reference. SFT's loss is on completion tokens only (TRL decides that from the
       data's shape; set here so ``trl_args.json`` says it) at 2e-4 with LoRA, or TRL's 2e-5 for a full
       fine-tune. SimPO is CPO's trainer with ``loss_type: simpo`` and no behaviour-cloning term (``cpo_alpha``
