@@ -295,7 +295,8 @@ def align_trl_defaults(method: str, *, on_gpu: bool, bf16_ok: bool, lora: bool =
     - KTO's LoRA rate is twice DPO's, 8e-4. A KTO step of 4 rows sees 4 answers where DPO's sees 8 (4 pairs)
       plus the sft term. On its rows in a seeded shuffle (align.train.run: TRL's KTOTrainer reads them in order)
       KTO at 8e-4 beat random labels on four tasks of five (quality-kto-shuffled.json: concise +0.084
-      over random labels, list +0.128, example +0.065, warm +0.042, each interval above 0; caution -0.016, not)
+      over random labels, list +0.128, example +0.065, warm +0.042, each interval above 0; caution -0.016, not;
+      from a fresh clone, quality.json: +0.084, +0.127, +0.068, +0.039 and -0.022, warm's interval from 0.003)
       at KL 0.09-0.37 per token and shorter answers (0.37-0.98x); at DPO's 4e-4 on two (concise and example;
       caution, list and warm barely moved, KL 0.03-0.05 per token; quality-settings-kto-shuffled-lr-4e-4.json).
       Before the shuffle (rows in file order) 8e-4 held on three or four tasks and 4e-4 on two
